@@ -1,0 +1,99 @@
+# zh-align — every stage is `mlflow run . -e <stage>` with the profile, the dry-run switch and overrides.
+# DRY_RUN=1 (the default) prints the plan into the experiment $(EXPERIMENT)-dryrun; DRY_RUN=0 runs for real.
+
+DRY_RUN ?= 1
+HW ?= 4090
+EXPERIMENT ?= zh-align
+ENV_MANAGER ?= local
+SET ?=
+LOSS ?= orpo
+PORT ?= 5000
+CONFIG ?=
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.PHONY: help setup plan prepare data sft align orpo dpo evaluate eval export ui test lint clean
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+EXTRAS := dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
+comma := ,
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export MLFLOW_EXPERIMENT_NAME := $(EXPERIMENT)
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+ifeq ($(DRY_RUN),0)
+  DRY := false
+  RUN_EXPERIMENT := $(EXPERIMENT)
+else
+  DRY := true
+  RUN_EXPERIMENT := $(EXPERIMENT)-dryrun
+endif
+
+# Check the config first (fast, clean error, no FAILED run in the store), then launch through MLflow.
+define stage
+	@$(PY) -m pipeline.$(1) --hw '$(HW)' --config '$(CONFIG)' --overrides '$(SET)' $(2) --dry-run true > /dev/null
+	mlflow run . -e $(1) --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
+	  -P hw='$(HW)' -P dry_run=$(DRY) -P config='$(CONFIG)' -P overrides='$(SET)' $(3)
+endef
+
+help: ## list the targets and the variables
+	@echo "zh-align — make <target> [HW=4090|5090|cpu] [DRY_RUN=1|0] [SET=\"key=value ...\"] [LOSS=orpo|dpo]"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "variables: DRY_RUN=$(DRY_RUN) HW=$(HW) EXPERIMENT=$(EXPERIMENT) ENV_MANAGER=$(ENV_MANAGER)" \
+	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET)"
+
+setup: $(STAMP) ## create .venv and install the pinned stack (CPU torch here; + the gpu extra where nvidia-smi exists)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+plan: $(STAMP) ## the plans of all five stages on one page, kept as a run in the main experiment
+	@$(PY) -m pipeline.plan --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' > /dev/null
+	mlflow run . -e plan --env-manager $(ENV_MANAGER) --experiment-name '$(EXPERIMENT)' \
+	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides='$(SET)'
+
+prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preference pools + data card
+	$(call stage,prepare)
+
+data: prepare ## alias of prepare
+
+sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft
+	$(call stage,sft)
+
+align: $(STAMP) ## preference alignment from the SFT adapter, LOSS=orpo|dpo
+	$(call stage,align,--loss '$(LOSS)',-P loss='$(LOSS)')
+
+orpo: ## align with ORPO (= make align LOSS=orpo)
+	@$(MAKE) --no-print-directory align LOSS=orpo
+
+dpo: ## align with DPO (= make align LOSS=dpo)
+	@$(MAKE) --no-print-directory align LOSS=dpo
+
+evaluate: $(STAMP) ## lm-eval on cmmlu / ceval-valid / hellaswag / winogrande, tuned vs base
+	$(call stage,evaluate)
+
+eval: evaluate ## alias of evaluate
+
+export: $(STAMP) ## merge the adapter into the bf16 base and register zh-align-merged
+	$(call stage,export)
+
+ui: $(STAMP) ## serve the MLflow UI for this project's store on 127.0.0.1:PORT
+	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)
+
+test: $(STAMP) ## run the test suite (CPU, offline)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+
+lint: $(STAMP) ## ruff over the package and the tests
+	$(PY) -m ruff check pipeline tests
+
+clean: ## remove outputs/, caches and the tiny models (keeps mlflow.db and mlruns/, your run history)
+	rm -rf outputs .cache/tiny-models .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,32 @@
+"""Shared fixtures: offline, hermetic (a temporary MLflow store and tiny-model cache per test session)."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pytest
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
+                  TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["ZH_ALIGN_TINY_CACHE"] = str(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking store and artifact root in a temporary folder; the test runs from that folder."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "zh-align-test")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment() exports it
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

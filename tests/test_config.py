@@ -1,0 +1,215 @@
+"""The strict loader: every shipped config loads and combines; every kind of bad input gets a clear error."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pipeline import config as C
+from pipeline.config import CONFIGS, ConfigError, resolve
+
+PROFILES = C.available("hw")
+MODELS = C.available("models")
+
+
+def _kind(path) -> str:
+    rel = path.relative_to(CONFIGS)
+    if rel.parts[0] in ("hw", "models"):
+        return rel.parts[0]
+    if rel.name == "hub.yaml":
+        return "hub"
+    return "stage"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_yaml_under_configs_loads_with_its_kind(path):
+    kind = _kind(path)
+    if kind == "hw":
+        assert C.load_profile(path.stem).name == path.stem
+    elif kind == "models":
+        assert C.load_model(path.stem).name == path.stem
+    elif kind == "hub":
+        assert C.load_hub().home
+    else:
+        stage = "align" if path.stem in C.LOSSES else path.stem
+        r = resolve(stage, config=path, hw="cpu" if path.parent.name == "smoke" else "4090")
+        assert r.stage == stage
+
+
+@pytest.mark.parametrize("stage,hw", list(itertools.product(C.STAGES, PROFILES)))
+def test_every_stage_combines_with_every_profile(stage, hw):
+    r = resolve(stage, hw=hw)
+    assert r.hw.name == hw
+    expected_dir = "smoke" if hw == "cpu" else "configs"
+    assert r.config_path.split("/")[-2] == expected_dir
+    assert (r.model.tiny is not None) == (hw == "cpu")  # the cpu profile selects the offline twins
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_definition_combines_with_every_stage(model):
+    for stage in C.STAGES:
+        assert resolve(stage, hw="5090", overrides=[("model", model)]).model.name == model
+
+
+def test_profiles_keep_the_effective_batch_and_carry_the_design_values():
+    profiles = {p: C.load_profile(p) for p in PROFILES}
+    assert len({p.effective_batch for p in profiles.values()}) == 1
+    p4090, p5090 = profiles["4090"], profiles["5090"]
+    assert (p4090.precision, p4090.micro_batch, p4090.grad_accum, p4090.max_length) == ("bf16", 2, 16, 2048)
+    assert p5090.max_length == 4096
+    assert all(p.activation_checkpointing for p in (p4090, p5090))
+    assert profiles["cpu"].device == "cpu" and not profiles["cpu"].qlora and not profiles["cpu"].liger
+
+
+def test_stage_configs_carry_the_design_values():
+    sft = resolve("sft").cfg
+    assert (sft.lora.r, sft.lora.alpha, sft.lora.dropout) == (16, 16, 0.05)
+    assert set(sft.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"}
+    assert (sft.qlora.quant_type, sft.qlora.double_quant, sft.qlora.compute_dtype) == ("nf4", True, "bf16")
+    t = sft.train
+    assert (t.epochs, t.lr, t.warmup_ratio, t.scheduler, t.max_grad_norm, t.packing) == (1.5, 2e-4, 0.03, "cosine",
+                                                                                       1.0, False)
+    orpo, dpo = resolve("align", loss="orpo").cfg, resolve("align", loss="dpo").cfg
+    assert (orpo.loss, orpo.beta, orpo.length_penalty, orpo.reference) == ("orpo", 0.2, 0.02, "none")
+    assert (dpo.loss, dpo.beta, dpo.reference) == ("dpo", 0.2, "sft_policy")
+    prep = resolve("prepare").cfg
+    assert prep.mix.sft.zh_share == prep.mix.pref.zh_share == 0.7
+    assert len(prep.sources) == 7
+    assert resolve("evaluate").cfg.tasks == ["cmmlu", "ceval-valid", "hellaswag", "winogrande"]
+
+
+def test_model_definitions_ship_their_architecture_and_a_chinese_system_prompt():
+    qwen25, qwen3 = C.load_model("qwen2.5-7b-instruct"), C.load_model("qwen3-4b-instruct-2507")
+    arch = qwen25.architecture_config()
+    assert (arch["hidden_size"], arch["num_hidden_layers"], arch["vocab_size"]) == (3584, 28, 152064)
+    assert qwen25.max_positions == 32768 and qwen3.max_positions == 262144
+    assert qwen25.hub_id == "Qwen/Qwen2.5-7B-Instruct" and len(qwen25.revision) == 40
+    for name in MODELS:
+        prompt = C.load_model(name).system_prompt
+        assert sum("\u4e00" <= ch <= "\u9fff" for ch in prompt) > 20, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+def _problems(**kwargs) -> str:
+    with pytest.raises(ConfigError) as err:
+        resolve(**kwargs)
+    return str(err.value)
+
+
+def test_unknown_key_names_file_path_and_closest_key(tmp_path):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text((CONFIGS / "sft.yaml").read_text(encoding="utf-8").replace("lora: {r: 16", "lora: {rr: 16"),
+                   encoding="utf-8")
+    msg = _problems(stage="sft", config=bad)
+    assert str(bad) in msg and "`lora.rr`" in msg and "did you mean `lora.r`?" in msg
+
+
+def test_unknown_override_key_is_marked_as_coming_from_set():
+    msg = _problems(stage="sft", overrides=[("lora.rr", 8)])
+    assert "`lora.rr` (from --set): unknown key; did you mean `lora.r`?" in msg
+
+
+def test_wrong_type_and_bad_choice_are_collected_together():
+    msg = _problems(stage="sft", overrides=C.parse_overrides(["train.lr=fast", "train.scheduler=cosin",
+                                                              "hw.micro_batch=true"]))
+    assert "3 config problems" in msg
+    assert "`train.lr` (from --set): expected a number; got 'fast'" in msg
+    assert "`train.scheduler` (from --set): expected one of 'cosine'" in msg and "did you mean `cosine`?" in msg
+    assert "configs/hw/4090.yaml: `micro_batch` (from --set): expected an integer; got True" in msg
+
+
+def test_unknown_profile_lists_the_valid_ones():
+    msg = _problems(stage="sft", hw="3090")
+    assert "unknown hardware profile '3090'" in msg and "4090, 5090, cpu" in msg
+
+
+def test_missing_file(tmp_path):
+    assert f"{tmp_path / 'nope.yaml'}: file not found" in _problems(stage="sft", config=tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("model: tiny-qwen2\nlora: {r: 16\ntrain:\n  lr: 1\n", encoding="utf-8")
+    msg = _problems(stage="sft", config=bad)
+    assert f"{bad}:" in msg and "malformed YAML" in msg
+    assert any(f"{bad}:{n}:" in msg for n in (2, 3, 4))
+
+
+def test_tab_indentation_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("model: tiny-qwen2\ntrain:\n\tlr: 0.1\n", encoding="utf-8")
+    assert f"{bad}:3: tab character in the indentation" in _problems(stage="sft", config=bad)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("model: tiny-qwen2\nmodel: qwen2.5-7b-instruct\n", encoding="utf-8")
+    assert "duplicate key 'model'" in _problems(stage="sft", config=bad)
+
+
+def test_missing_required_key(tmp_path):
+    bad = tmp_path / "orpo.yaml"
+    bad.write_text("model: tiny-qwen2\n", encoding="utf-8")
+    assert "`loss`: required key is missing" in _problems(stage="align", config=bad)
+
+
+def test_cross_field_rules_name_the_fields():
+    msg = _problems(stage="prepare", overrides=[("buckets", [1024, 256]), ("mix.sft.zh_share", 1.5),
+                                                ("filters.min_cn_ratio", -0.1)])
+    assert "`buckets` must be positive and strictly ascending" in msg
+    assert "`mix.sft.zh_share` must be in [0, 1]; got 1.5" in msg
+    assert "`filters.min_cn_ratio` must be in [0, 1]" in msg
+
+
+def test_max_length_over_the_models_maximum_names_both():
+    msg = _problems(stage="sft", overrides=[("hw.max_length", 40000)])
+    assert "`max_length` 40000 exceeds qwen2.5-7b-instruct's maximum of 32768" in msg
+
+
+def test_cuda_only_features_on_a_cpu_profile_are_refused():
+    msg = _problems(stage="sft", hw="cpu", overrides=[("hw.qlora", True)])
+    assert "`qlora` needs CUDA but `device` is cpu" in msg
+
+
+def test_align_loss_must_agree_with_its_config():
+    assert "`loss: orpo` but --loss dpo" in _problems(stage="align", config=CONFIGS / "orpo.yaml", loss="dpo")
+    assert "reference model" in _problems(stage="align", loss="dpo", overrides=[("reference", "none")])
+
+
+def test_unknown_model_definition_lists_the_valid_ones():
+    msg = _problems(stage="sft", overrides=[("model", "qwen2.5-7b")])
+    assert "unknown model definition 'qwen2.5-7b'" in msg and "qwen2.5-7b-instruct" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides
+# ---------------------------------------------------------------------------------------------------------------
+def test_overrides_parse_yaml_values_from_set_and_from_one_string():
+    parsed = C.parse_overrides(["tasks=[cmmlu, hellaswag]", "limit=null"], "lora.r=8 'adapter=a b'")
+    assert parsed == [("tasks", ["cmmlu", "hellaswag"]), ("limit", None), ("lora.r", 8), ("adapter", "a b")]
+    with pytest.raises(ConfigError, match="expected key=value"):
+        C.parse_overrides(["lora.r"])
+
+
+def test_overrides_reach_list_items_by_index_or_name():
+    r = resolve("prepare", overrides=[("sources.shp.path", "/data/shp"), ("sources.0.revision", "abc")])
+    assert r.cfg.sources[3].path == "/data/shp" and r.cfg.sources[0].revision == "abc"
+    assert "no list item 'nope'" in _problems(stage="prepare", overrides=[("sources.nope.path", "x")])
+
+
+def test_yaml_1_1_exponent_without_dot_is_read_as_a_number():
+    assert resolve("sft", overrides=C.parse_overrides(["train.lr=2e-4"])).cfg.train.lr == 2e-4
+
+
+def test_hub_settings_come_from_one_file_and_the_environment_wins(monkeypatch):
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
+    shown = C.apply_hub_env(C.HubConfig(endpoint=None, home=".cache/huggingface"))
+    assert shown["HF_ENDPOINT"] == "https://mirror.example (from the environment)"
+    assert shown["HF_HOME"].endswith(".cache/huggingface (from configs/hub.yaml)")
+    import os
+
+    assert os.environ["HF_HOME"] == str(C.ROOT / ".cache/huggingface")
