@@ -17,8 +17,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
-EXTRAS := dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
 comma := ,
+EXTRAS := dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
@@ -96,4 +96,4 @@ lint: $(STAMP) ## ruff over the package and the tests
 
 clean: ## remove outputs/, caches and the tiny models (keeps mlflow.db and mlruns/, your run history)
 	rm -rf outputs .cache/tiny-models .pytest_cache .ruff_cache
-	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -9,7 +9,7 @@ import sys
 
 from pipeline import cli
 from pipeline.config import Resolved
-from pipeline.plan import Plan, base_model_input, data_input, dir_output, model_ref_input, registry_output
+from pipeline.plan import Item, Plan, base_model_input, data_input, dir_output, model_ref_input, registry_output
 
 STAGE = "align"
 
@@ -17,9 +17,11 @@ STAGE = "align"
 def plan(r: Resolved) -> Plan:
     cfg = r.cfg
     t = cfg.train
-    start = model_ref_input("start point (SFT adapter)", cfg.start_from, "sft", r)
     if cfg.start_from is None:
-        start.where = f"latest FINISHED sft run with base {r.model.name} and profile {r.hw.name}"
+        start = Item("start point (SFT adapter)", f"latest FINISHED sft run with base {r.model.name} and profile "
+                     f"{r.hw.name}", f"looked up in MLflow at run time; produced by `make sft HW={r.hw.name} DRY_RUN=0`")
+    else:
+        start = model_ref_input("start point (SFT adapter)", cfg.start_from, "sft", r)
     reference = "none (ORPO)" if cfg.reference == "none" else "the frozen SFT policy"
     return Plan(r, facts=[
         ("loss", f"{cfg.loss}, beta {cfg.beta}, length penalty alpha {cfg.length_penalty}, reference: {reference}"),

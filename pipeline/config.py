@@ -30,6 +30,7 @@ STAGES = ("prepare", "sft", "align", "evaluate", "export")
 LOSSES = ("orpo", "dpo")
 DEFAULT_HW = "4090"
 Precision = Literal["bf16", "fp16", "fp32"]
+LogBackend = Literal["none", "tensorboard", "wandb"]  # beside MLflow, which is always on
 
 
 class ConfigError(ValueError):
@@ -116,14 +117,19 @@ class PrepareConfig:
 
 
 @dataclass
-class SftTrainConfig:
+class TrainConfig:
+    """The schedule both training stages share; the defaults are the design's SFT values."""
     epochs: float = 1.5
     lr: float = 2e-4
     warmup_ratio: float = 0.03
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = 1.0
-    packing: bool = False
     seed: int = 42
+
+
+@dataclass
+class SftTrainConfig(TrainConfig):
+    packing: bool = False
 
 
 @dataclass
@@ -134,18 +140,15 @@ class SftConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QloraConfig = field(default_factory=QloraConfig)
     train: SftTrainConfig = field(default_factory=SftTrainConfig)
-    log_backend: Literal["none", "tensorboard", "wandb"] = "none"
+    log_backend: LogBackend = "none"
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
 
 @dataclass
-class AlignTrainConfig:
+class AlignTrainConfig(TrainConfig):
     epochs: float = 1.0
     lr: float = 5e-6
     warmup_ratio: float = 0.1
-    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = 1.0
-    seed: int = 42
 
 
 @dataclass
@@ -159,7 +162,7 @@ class AlignConfig:
     length_penalty: float = 0.02
     reference: Literal["none", "sft_policy"] = "none"
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
-    log_backend: Literal["none", "tensorboard", "wandb"] = "none"
+    log_backend: LogBackend = "none"
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
 

@@ -9,14 +9,14 @@ import sys
 
 from pipeline import cli
 from pipeline.config import Resolved
-from pipeline.plan import Item, Plan, _path, base_model_input, dir_output, model_ref_input
+from pipeline.plan import Item, Plan, base_model_input, dir_output, model_ref_input, repo_path
 
 STAGE = "evaluate"
 
 
 def plan(r: Resolved) -> Plan:
     cfg = r.cfg
-    mirrors = [Item(f"mirror of {task}", folder, "exists" if _path(folder).is_dir() else "MISSING")
+    mirrors = [Item(f"mirror of {task}", folder, "exists" if repo_path(folder).is_dir() else "MISSING")
                for task, folder in cfg.mirrors.items()]
     return Plan(r, facts=[
         ("tasks", ", ".join(cfg.tasks)),

@@ -59,7 +59,7 @@ class Plan:
 # ------------------------------------------------------------------------------------------------------------------
 # Items the stages share
 # ------------------------------------------------------------------------------------------------------------------
-def _path(p: str) -> Path:
+def repo_path(p: str) -> Path:
     path = Path(p)
     return path if path.is_absolute() else ROOT / path
 
@@ -85,7 +85,7 @@ def base_model_input(r: Resolved) -> Item:
 def data_input(ref: DataRef, files: tuple[str, ...], r: Resolved) -> Item:
     if ref.run_id:
         return Item("prepared data", f"prepare run {ref.run_id} ({', '.join(files)})", "looked up in MLflow at run time")
-    folder = _path(ref.path)
+    folder = repo_path(ref.path)
     missing = [f for f in files if not (folder / f).is_file()]
     state = "exists" if not missing else f"missing {', '.join(missing)}; produced by {_make('prepare', r)}"
     return Item("prepared data", f"{ref.path}/{{{','.join(files)}}}", state)
@@ -94,13 +94,13 @@ def data_input(ref: DataRef, files: tuple[str, ...], r: Resolved) -> Item:
 def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved) -> Item:
     if ref is None:
         return Item(what, "none", "the base model alone")
-    if _path(ref).exists():
+    if repo_path(ref).exists():
         return Item(what, ref, "local folder, exists")
     return Item(what, ref, f"looked up in the MLflow registry / runs at run time; produced by {_make(made_by, r)}")
 
 
 def dir_output(path: str, what: str = "output folder") -> Item:
-    folder = _path(path)
+    folder = repo_path(path)
     exists = folder.is_dir() and any(folder.iterdir())
     return Item(what, path, "exists, would be overwritten" if exists else "new")
 

@@ -9,7 +9,7 @@ import sys
 
 from pipeline import cli
 from pipeline.config import Resolved
-from pipeline.plan import Item, Plan, base_model_input, dir_output
+from pipeline.plan import Item, Plan, base_model_input, dir_output, repo_path
 
 STAGE = "prepare"
 OUTPUT_FILES = ("sft.jsonl", "sft_eval.jsonl", "pref.jsonl", "pref_eval.jsonl", "manifest.json", "DATA_CARD.md")
@@ -18,7 +18,7 @@ OUTPUT_FILES = ("sft.jsonl", "sft_eval.jsonl", "pref.jsonl", "pref_eval.jsonl", 
 def plan(r: Resolved) -> Plan:
     cfg = r.cfg
     sources = [Item(f"source {s.name}", s.path or f"{s.hub_id} @ {s.revision}",
-                    ("exists" if _exists(s.path) else "MISSING") if s.path else "read from the hub")
+                    ("exists" if repo_path(s.path).exists() else "MISSING") if s.path else "read from the hub")
                for s in cfg.sources]
     return Plan(r, facts=[
         ("filters", f"min_cn_ratio {cfg.filters.min_cn_ratio}, English fallback "
@@ -29,12 +29,6 @@ def plan(r: Resolved) -> Plan:
     ], inputs=[*sources, base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "pools + manifest + data card")]
                + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES])
-
-
-def _exists(path: str) -> bool:
-    from pipeline.plan import _path
-
-    return _path(path).exists()
 
 
 def run(r: Resolved):

@@ -42,7 +42,8 @@ def test_stage_plans_name_what_later_issues_rely_on(capsys):
     _main("align")(["--hw", "4090", "--loss", "dpo"])
     dpo = capsys.readouterr().out
     assert "loss" in dpo and "dpo, beta 0.2, length penalty alpha 0.02" in dpo and "-P loss=dpo" in dpo
-    assert "latest FINISHED sft run with base qwen2.5-7b-instruct and profile 4090" in dpo
+    assert ("latest FINISHED sft run with base qwen2.5-7b-instruct and profile 4090 [looked up in MLflow at run time"
+            in dpo)
     _main("evaluate")(["--hw", "4090"])
     assert "cmmlu, ceval-valid, hellaswag, winogrande" in capsys.readouterr().out
 
