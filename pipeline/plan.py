@@ -111,9 +111,12 @@ def registry_output(reg: RegisterConfig) -> Item:
 
 def hardware_fact(r: Resolved) -> str:
     h = r.hw
-    return (f"{h.name} ({h.description}): {h.precision}, micro-batch {h.micro_batch} × accum {h.grad_accum} = "
-            f"{h.effective_batch} per step, max_length {h.max_length}, {'QLoRA' if h.qlora else 'LoRA'}, "
-            f"checkpointing {'on' if h.activation_checkpointing else 'off'}, Liger {'on' if h.liger else 'off'}")
+    peak = f", {h.peak_tflops:g} TFLOP/s bf16" if h.peak_tflops else ""
+    on = {True: "on", False: "off"}
+    return (f"{h.name} ({h.description}, {h.device} {h.memory_gib:g} GiB{peak}): {h.precision}, "
+            f"micro-batch {h.micro_batch} × accum {h.grad_accum} = {h.effective_batch} per step, "
+            f"max_length {h.max_length}, {'QLoRA' if h.qlora else 'LoRA'}, "
+            f"checkpointing {on[h.activation_checkpointing]}, Liger {on[h.liger]}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -150,6 +153,7 @@ def render(plan: Plan, hub_env: dict[str, str]) -> str:
             ("hub", " · ".join(f"{k}={v}" for k, v in hub_env.items())),
             ("base model", f"{r.model.ref} ({r.model.family}, {r.model.max_positions} positions, "
                            f"licence {r.model.licence})"),
+            ("system prompt", r.model.system_prompt[:40] + ("…" if len(r.model.system_prompt) > 40 else "")),
             ("hardware", hardware_fact(r)),
             *plan.facts]
     width = max(len(k) for k, _ in rows)
