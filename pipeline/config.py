@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import shlex
@@ -226,7 +227,7 @@ class ModelDef:
     def architecture_config(self) -> dict[str, Any]:
         return json.loads(self.architecture_path.read_text(encoding="utf-8"))
 
-    @property
+    @functools.cached_property
     def max_positions(self) -> int:
         return int(self.architecture_config()["max_position_embeddings"])
 
@@ -456,7 +457,7 @@ def apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
-            node = _list_item(node, part, ".".join(parts[: i + 1]))
+            node = node[_list_index(node, part, ".".join(parts[: i + 1]))]
         else:
             nxt = node.get(part)
             if not isinstance(nxt, (dict, list)):
@@ -478,10 +479,6 @@ def _list_index(items: list, part: str, where: str) -> int:
         return names.index(part)
     raise ConfigError([f"override `{where}`: no list item {part!r}; use an index 0..{len(items) - 1}"
                        + (f" or a name ({', '.join(map(str, names))})" if any(names) else "")])
-
-
-def _list_item(items: list, part: str, where: str) -> Any:
-    return items[_list_index(items, part, where)]
 
 
 # --------------------------------------------------------------------------------------------------------------
