@@ -20,6 +20,10 @@ from pipeline.config import DEFAULT_HW, LOSSES, ConfigError, Resolved, apply_hub
 log = logging.getLogger("pipeline")
 
 
+class StageError(RuntimeError):
+    """An expected failure with a message that says what is wrong and how to fix it: printed, exit 1."""
+
+
 class NotImplementedStage(RuntimeError):
     def __init__(self, stage: str):
         super().__init__(f"stage {stage} is not implemented yet (its dry run works: --dry-run true)")
@@ -86,15 +90,19 @@ def main(stage: str, plan: Callable[[Resolved], Any], run: Callable[[Resolved], 
     if args.dry_run:
         from pipeline.plan import render
 
-        print(render(plan(resolved), hub_env))
+        try:
+            print(render(plan(resolved), hub_env))
+        except StageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     try:
         result = run(resolved)
-    except NotImplementedStage as err:
+    except (NotImplementedStage, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ConfigError as err:
+    except StageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1
     log.info("%s finished: %s", stage, result)
     return 0

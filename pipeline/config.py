@@ -80,29 +80,56 @@ class RegisterConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Stage configs
 # --------------------------------------------------------------------------------------------------------------
+SourceName = Literal["oasst1", "coig", "coig_pc_core", "shp", "ultrafeedback_binarized", "hh_rlhf", "pku_saferlhf"]
+SOURCE_NAMES: tuple[str, ...] = typing.get_args(SourceName)
+# Options that only one source reads; setting them on another source is an error (a key no code reads is a bug).
+SOURCE_OPTIONS = {"min_score_ratio": ("shp",), "chosen_by": ("pku_saferlhf",),
+                  "subsets": ("coig", "shp", "hh_rlhf", "pku_saferlhf")}
+
+
 @dataclass
 class SourceConfig:
-    name: Literal["oasst1", "coig", "coig_pc_core", "shp", "ultrafeedback_binarized", "hh_rlhf", "pku_saferlhf"]
+    """One dataset: where it lives on the hub (pinned), or a local copy in the hub's layout under `path`."""
+    name: SourceName
     hub_id: str
     revision: str
     path: str | None = None
+    splits: list[str] | None = None      # splits to read (file names as on the hub); null = every split found
+    subsets: list[str] | None = None     # sub-folders/files as on the hub (hh_rlhf data dirs, coig files, shp domains)
+    max_rows: int | None = None          # stop after this many parsed rows (a quick look); null = all
+    min_score_ratio: float | None = None                            # shp: keep pairs with score_ratio >= this
+    chosen_by: Literal["safer", "better", "agree"] | None = None    # pku_saferlhf: which label picks `chosen`
 
 
 @dataclass
 class FilterConfig:
     min_cn_ratio: float = 0.3
     allow_english_fallback: bool = True
+    min_chars: int = 2                   # a turn shorter than this after normalising counts as empty
+    over_length: Literal["drop", "truncate"] = "drop"  # rows over the largest bucket edge: dropped, or cut by turns
 
 
 @dataclass
-class ShareConfig:
-    zh_share: float = 0.7
+class CurriculumStage:
+    """One stage of the curriculum: it ends when `until` of the total training tokens have been seen."""
+    until: float
+    bucket_weights: list[float] | None = None  # one weight per bucket; null = all 1
+    zh_share: float | None = None              # null = the row type's zh_share
+
+
+@dataclass
+class RowMix:
+    """How one row type (sft or pref) is mixed each epoch."""
+    zh_share: float = 0.7                                    # at least this share of the epoch's tokens is zh
+    source_weights: dict[str, float] = field(default_factory=dict)  # round-robin weight per source (default 1)
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # empty = one stage, every bucket weight 1
 
 
 @dataclass
 class MixConfig:
-    sft: ShareConfig = field(default_factory=ShareConfig)
-    pref: ShareConfig = field(default_factory=ShareConfig)
+    sft: RowMix = field(default_factory=RowMix)
+    pref: RowMix = field(default_factory=RowMix)
+    max_repeats: int = 1                 # > 1 lets zh rows repeat up to this many times per epoch to meet zh_share
     on_shortfall: Literal["downsample", "relax", "fail"] = "downsample"
 
 
@@ -112,6 +139,8 @@ class PrepareConfig:
     model: str = "qwen2.5-7b-instruct"
     output_dir: str = "outputs/data/default"
     seed: int = 42
+    eval_fraction: float = 0.02          # share of conversation trees / prompts held out as *_eval.jsonl
+    num_proc: int | None = None          # worker processes for the cleaning and token maps; null = every core
     filters: FilterConfig = field(default_factory=FilterConfig)
     buckets: list[int] = field(default_factory=lambda: [256, 1024, 2048, 4096])
     mix: MixConfig = field(default_factory=MixConfig)
@@ -555,12 +584,30 @@ def check_stage(stage: str, cfg: Any, src: str) -> list[str]:
         if any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or not edges or edges[0] < 1:
             problems.append(f"{src}: `buckets` must be positive and strictly ascending; got {edges}")
         share("filters.min_cn_ratio", cfg.filters.min_cn_ratio)
-        share("mix.sft.zh_share", cfg.mix.sft.zh_share)
-        share("mix.pref.zh_share", cfg.mix.pref.zh_share)
+        share("eval_fraction", cfg.eval_fraction)
         names = [s.name for s in cfg.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             problems.append(f"{src}: `sources` lists {', '.join(dupes)} more than once")
+        for i, s in enumerate(cfg.sources):
+            for key, owners in SOURCE_OPTIONS.items():
+                if getattr(s, key) is not None and s.name not in owners:
+                    problems.append(f"{src}: `sources.{i}.{key}` is read only for {' / '.join(owners)}, "
+                                    f"not {s.name}; remove it")
+            if s.name == "hh_rlhf" and s.subsets and "red-team-attempts" in s.subsets:
+                problems.append(f"{src}: `sources.{i}.subsets` names red-team-attempts, which holds red-team "
+                                f"transcripts, not chosen/rejected pairs; remove it (pair subsets: harmless-base, "
+                                f"helpful-base, helpful-online, helpful-rejection-sampled)")
+            if s.max_rows is not None and s.max_rows < 1:
+                problems.append(f"{src}: `sources.{i}.max_rows` must be at least 1 or null; got {s.max_rows}")
+        if cfg.num_proc is not None and cfg.num_proc < 1:
+            problems.append(f"{src}: `num_proc` must be at least 1 or null (every core); got {cfg.num_proc}")
+        if cfg.filters.min_chars < 1:
+            problems.append(f"{src}: `filters.min_chars` must be at least 1; got {cfg.filters.min_chars}")
+        if cfg.mix.max_repeats < 1:
+            problems.append(f"{src}: `mix.max_repeats` must be at least 1 (1 = no upsampling); got {cfg.mix.max_repeats}")
+        for kind in ("sft", "pref"):
+            problems += _check_row_mix(cfg.mix, kind, names, len(edges), src)
     if hasattr(cfg, "lora"):
         if cfg.lora.r < 1 or cfg.lora.alpha < 1:
             problems.append(f"{src}: `lora.r` and `lora.alpha` must be at least 1; got {cfg.lora.r}, {cfg.lora.alpha}")
@@ -579,6 +626,37 @@ def check_stage(stage: str, cfg: Any, src: str) -> list[str]:
             problems.append(f"{src}: `reference` must be none for `loss: orpo` (ORPO needs no reference model)")
         if cfg.loss == "dpo" and cfg.reference == "none":
             problems.append(f"{src}: `reference` must be sft_policy for `loss: dpo` (DPO needs a reference model)")
+    return problems
+
+
+def _check_row_mix(mix: MixConfig, kind: str, sources: list[str], n_buckets: int, src: str) -> list[str]:
+    row: RowMix = getattr(mix, kind)
+    at = f"mix.{kind}"
+    problems = []
+    if not 0.0 <= row.zh_share <= 1.0:
+        problems.append(f"{src}: `{at}.zh_share` must be in [0, 1]; got {row.zh_share}")
+    for name, w in row.source_weights.items():
+        if name not in sources:
+            problems.append(f"{src}: `{at}.source_weights.{name}` is not a source of this config"
+                            f"{_close(name, sources)} (sources: {', '.join(sources)})")
+        elif w < 0:
+            problems.append(f"{src}: `{at}.source_weights.{name}` must be >= 0; got {w}")
+    last = 0.0
+    for i, st in enumerate(row.curriculum):
+        where = f"{at}.curriculum.{i}"
+        if not last < st.until <= 1.0:
+            problems.append(f"{src}: `{where}.until` must rise above the previous stage's ({last}) up to 1.0; "
+                            f"got {st.until}")
+        last = max(last, st.until)
+        if st.zh_share is not None and not 0.0 <= st.zh_share <= 1.0:
+            problems.append(f"{src}: `{where}.zh_share` must be in [0, 1]; got {st.zh_share}")
+        bw = st.bucket_weights
+        if bw is not None and (len(bw) != n_buckets or min(bw) < 0 or not any(bw)):
+            problems.append(f"{src}: `{where}.bucket_weights` needs {n_buckets} weights (one per bucket), "
+                            f">= 0 and not all 0; got {bw}")
+    if row.curriculum and row.curriculum[-1].until != 1.0:
+        problems.append(f"{src}: the last stage of `{at}.curriculum` must have `until: 1.0` "
+                        f"(the curriculum covers all the training tokens); got {row.curriculum[-1].until}")
     return problems
 
 

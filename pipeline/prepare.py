@@ -1,38 +1,196 @@
 """prepare: the seven public datasets → cleaned, deduplicated, length-bucketed SFT and preference pools + data card.
 
-Built by the prepare issue; for now its dry run shows the plan and a real run exits 2.
+Steps, each counted per source in the manifest: read the hub layout (pinned revision, or `path:`) → parse into
+SFT / preference records (bad rows counted by reason) → text hygiene and empty turns → language and Han-share filter
+→ exact dedup across sources in their configured order (the first source listed wins) → token lengths with the
+model's chat template and system prompt → length buckets → eval split by tree / post / prompt. The pools are
+written whole; the training stages mix them per epoch with :class:`~pipeline.data.sampler.MixedBucketSampler`,
+whose epoch-0 shares the manifest reports.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from pipeline import cli
-from pipeline.config import Resolved
+from pipeline.config import ConfigError, PrepareConfig, Resolved, SourceConfig
+from pipeline.data.sources import DATASETS
 from pipeline.plan import Item, Plan, base_model_input, dir_output, repo_path
 
 STAGE = "prepare"
-OUTPUT_FILES = ("sft.jsonl", "sft_eval.jsonl", "pref.jsonl", "pref_eval.jsonl", "manifest.json", "DATA_CARD.md")
+POOLS = ("sft.jsonl", "sft_eval.jsonl", "pref.jsonl", "pref_eval.jsonl")
+OUTPUT_FILES = (*POOLS, "manifest.json", "DATA_CARD.md")
+SMALL = 20_000  # below this many records, cleaning runs in-process (worker start-up would cost more than it saves)
+log = logging.getLogger("pipeline.prepare")
+
+
+@dataclass
+class PrepareResult:
+    output_dir: str
+    rows: dict[str, int]            # output file → rows
+    zh_share: dict[str, float]      # realised zh token share of the epoch-0 mix, per row type
+    noncommercial: list[str]        # sources with non-commercial or unclear terms that reached the output
+
+    def __str__(self) -> str:
+        rows = ", ".join(f"{k} {v}" for k, v in self.rows.items())
+        return f"{rows} → {self.output_dir}"
 
 
 def plan(r: Resolved) -> Plan:
+    from pipeline.data.inline import run_inline_checks
+
     cfg = r.cfg
-    sources = [Item(f"source {s.name}", s.path or f"{s.hub_id} @ {s.revision}",
+    sources = [Item(f"source {s.name}", (s.path or f"{s.hub_id} @ {s.revision}") + _options(s),
                     ("exists" if repo_path(s.path).exists() else "MISSING") if s.path else "read from the hub")
                for s in cfg.sources]
     return Plan(r, facts=[
+        ("parsers", run_inline_checks([s.name for s in cfg.sources])),
         ("filters", f"min_cn_ratio {cfg.filters.min_cn_ratio}, English fallback "
-                    f"{'kept' if cfg.filters.allow_english_fallback else 'dropped'}"),
+                    f"{'kept' if cfg.filters.allow_english_fallback else 'dropped'}, turns under "
+                    f"{cfg.filters.min_chars} chars dropped, over-length rows {cfg.filters.over_length}"),
         ("buckets", " / ".join(f"≤{b}" for b in cfg.buckets) + " tokens"),
+        ("eval split", f"{cfg.eval_fraction:.1%} of trees / posts / prompts"),
         ("mix", f"zh share of tokens: sft {cfg.mix.sft.zh_share}, pref {cfg.mix.pref.zh_share}; "
-                f"on shortfall: {cfg.mix.on_shortfall}; seed {cfg.seed}"),
+                f"on shortfall: {cfg.mix.on_shortfall}; max repeats {cfg.mix.max_repeats}; seed {cfg.seed}"),
     ], inputs=[*sources, base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "pools + manifest + data card")]
                + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES])
 
 
-def run(r: Resolved):
-    raise cli.NotImplementedStage(STAGE)
+def _options(s: SourceConfig) -> str:
+    opts = {k: getattr(s, k) for k in ("subsets", "splits", "max_rows", "min_score_ratio", "chosen_by")}
+    shown = ", ".join(f"{k} {v}" for k, v in opts.items() if v is not None)
+    return f" ({shown}; licence {DATASETS[s.name].licence})" if shown else f" (licence {DATASETS[s.name].licence})"
+
+
+def run(r: Resolved) -> PrepareResult:
+    from pipeline import tracking
+
+    cfg: PrepareConfig = r.cfg
+    _check_paths(cfg, r.config_path)
+    with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name):
+        with tempfile.TemporaryDirectory(prefix="zh-align-prepare-") as tmp:
+            built = build(r, Path(tmp))
+            out = repo_path(cfg.output_dir)
+            written = _write_all(built, r, out)
+        _track(built, written, out)
+    return PrepareResult(cfg.output_dir, {f: built.rows[f] for f in POOLS},
+                         {k: built.mix[k]["zh_share"] for k in built.mix}, built.noncommercial)
+
+
+def _check_paths(cfg: PrepareConfig, src: str) -> None:
+    missing = [f"{src}: `sources.{i}.path` {s.path!r} does not exist; fix it, or set `path: null` to read "
+               f"{s.hub_id} from the hub" for i, s in enumerate(cfg.sources) if s.path and not repo_path(s.path).exists()]
+    if missing:
+        raise ConfigError(missing)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the pools
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Built:
+    pools: dict[str, Any]           # file name → datasets.Dataset
+    steps: dict[str, dict]          # source → counts of every step
+    rows: dict[str, int]
+    mix: dict[str, dict]            # row type → the sampler's epoch-0 report
+    noncommercial: list[str]
+    tokenizer: str
+
+
+def build(r: Resolved, tmp: Path) -> Built:
+    """Read, clean, dedup, measure and split every source; returns the four pools as Arrow-backed datasets."""
+    from pipeline.data import pool
+
+    cfg: PrepareConfig = r.cfg
+    steps: dict[str, dict] = {s.name: {} for s in cfg.sources}
+    records = pool.read_sources(cfg, steps, tmp)
+    num_proc = cfg.num_proc or (os.cpu_count() if len(records) >= SMALL else None)
+    pools: dict[str, Any] = {}
+    for kind in ("sft", "pref"):
+        part = pool.of_kind(records, kind)
+        train, held_out = pool.clean(part, kind, r, steps, num_proc)
+        pools[f"{kind}.jsonl"], pools[f"{kind}_eval.jsonl"] = train, held_out
+    rows = {name: len(ds) for name, ds in pools.items()}
+    for name, st in steps.items():
+        if not st.get("kept"):
+            why = {k: v for kind in ("sft", "pref") for k, v in st.get(kind, {}).get("dropped", {}).items()}
+            log.warning("source %s ends with 0 rows (read %d; skipped %s; dropped %s)", name, st.get("rows_read", 0),
+                        st.get("skipped") or "none", why or "none")
+    for name in ("sft.jsonl", "pref.jsonl"):
+        if rows[name] == 0:
+            raise cli.StageError(pool.empty_reason(name.split(".")[0], steps))
+    for name in ("sft_eval.jsonl", "pref_eval.jsonl"):
+        if rows[name] == 0:
+            log.warning("%s is empty: no tree / prompt fell into the eval split (eval_fraction %s)", name,
+                        cfg.eval_fraction)
+    mix = {kind: pool.epoch0(pools[f"{kind}.jsonl"], kind, cfg) for kind in ("sft", "pref")}
+    reached = [n for n, s in steps.items() if s.get("kept", 0) and DATASETS[n].noncommercial]
+    return Built(pools, steps, rows, mix, reached, r.model.ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: everything into a staging folder, then moved into place file by file
+# ----------------------------------------------------------------------------------------------------------------
+def _write_all(built: Built, r: Resolved, out: Path) -> list[Path]:
+    from pipeline.data import card, pool
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        digests = {name: pool.write_jsonl(ds, stage / name, name.split(".")[0].split("_")[0])
+                   for name, ds in built.pools.items()}
+        manifest = card.manifest(r, built, digests)
+        (stage / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
+                                             encoding="utf-8")
+        (stage / "DATA_CARD.md").write_text(card.data_card(manifest), encoding="utf-8")
+        charts = card.charts(built, manifest, stage)
+        out.mkdir(parents=True, exist_ok=True)
+        names = [*OUTPUT_FILES, *(c.name for c in charts)]
+        for name in names:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("wrote %s", ", ".join(f"{n} ({built.rows[n]} rows)" for n in POOLS))
+    return [out / n for n in names]
+
+
+def _track(built: Built, written: list[Path], out: Path) -> None:
+    from pipeline import tracking
+
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    metrics: dict[str, float] = {f"rows.{n.removesuffix('.jsonl')}": v for n, v in built.rows.items()}
+    for kind, rep in built.mix.items():
+        metrics[f"{kind}.epoch0.zh_share"] = rep["zh_share"]
+        metrics[f"{kind}.epoch0.tokens"] = rep["tokens"]
+    for name, s in built.steps.items():
+        metrics[f"{name}.rows_read"] = s.get("rows_read", 0)
+        metrics[f"{name}.skipped"] = sum(s.get("skipped", {}).values())
+        for kind in ("sft", "pref"):
+            if kind in s:
+                metrics[f"{name}.{kind}.parsed"] = s[kind]["parsed"]
+                metrics[f"{name}.{kind}.kept"] = s[kind]["kept"]
+                metrics[f"{name}.{kind}.tokens"] = s[kind]["tokens"]
+    tracking.log_metrics(metrics)
+    tracking.log_artifacts([p for p in written if p.name not in POOLS], "data")
+    for name in POOLS:
+        info = manifest["outputs"][name]
+        tracking.log_file_input(out / name, name=name.removesuffix(".jsonl"), digest=info["sha256"],
+                                context="eval" if "eval" in name else "train", tags={"rows": info["rows"]})
+    tracking.set_tags({"licence.noncommercial": str(bool(built.noncommercial)).lower(),
+                       "licence.noncommercial_sources": ",".join(built.noncommercial) or "none"})
+    if built.noncommercial:
+        log.warning("non-commercial or unclear licences reached the output: %s (run tagged licence.noncommercial)",
+                    ", ".join(built.noncommercial))
+
 
 
 def main(argv: list[str] | None = None) -> int:

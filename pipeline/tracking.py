@@ -17,7 +17,8 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -167,3 +168,23 @@ def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
     mlflow.set_tags({k: REDACTED if is_secret(k) else str(v) for k, v in tags.items()})
+
+
+def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> None:
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_file_input(path: Path, *, name: str, digest: str, context: str, tags: Mapping[str, Any] | None = None) -> None:
+    """Record a file the run produced or read as a dataset input of the run (name, digest, where it lies)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so on every call
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(path).resolve().as_uri())
+    mlflow.log_input(MetaDataset(source, name=name, digest=digest[:32]), context=context,
+                     tags={k: str(v) for k, v in (tags or {}).items()})

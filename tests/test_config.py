@@ -196,7 +196,7 @@ def test_overrides_parse_yaml_values_from_set_and_from_one_string():
 
 def test_overrides_reach_list_items_by_index_or_name():
     r = resolve("prepare", overrides=[("sources.shp.path", "/data/shp"), ("sources.0.revision", "abc")])
-    assert r.cfg.sources[3].path == "/data/shp" and r.cfg.sources[0].revision == "abc"
+    assert r.cfg.sources[5].path == "/data/shp" and r.cfg.sources[0].revision == "abc"
     assert "no list item 'nope'" in _problems(stage="prepare", overrides=[("sources.nope.path", "x")])
 
 

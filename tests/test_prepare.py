@@ -1,9 +1,21 @@
-"""The prepare stage's building blocks. Text hygiene: Chinese punctuation survives, the dedup key folds, language."""
+"""The prepare stage: text hygiene, every parser on the fixtures, the whole stage, its errors and its outputs."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import mlflow
 import pytest
 
+from pipeline import prepare
+from pipeline.config import ROOT, ConfigError, SourceConfig, resolve
+from pipeline.data import sources
+from pipeline.data.sources import DATASETS, Tally, list_files, records
 from pipeline.data.text import classify, dedup_key, normalise, script
 
 
@@ -58,3 +70,384 @@ def test_the_datasets_own_language_tag_wins():
 def test_han_share():
     assert script("中文 text").han_share == pytest.approx(2 / 3)
     assert script("").han_share == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsers on the fixtures (tests/fixtures/README.md says what each row is for)
+# ---------------------------------------------------------------------------------------------------------------
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def parse(name: str, **options) -> tuple[list[dict], Counter]:
+    src = SourceConfig(name=name, hub_id="x", revision="x", path=str(FIXTURES / name), **options)
+    tally = Tally()
+    recs = list(records(src, list_files(FIXTURES / name, src, DATASETS[name]), tally))
+    return recs, tally.skipped
+
+
+def texts(turns: list[dict]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"][:12]) for m in turns]
+
+
+@pytest.mark.parametrize("name,sft,pref,skipped", [
+    ("oasst1", 5, 7, {"message without id, text or role": 1, "deleted message (with its subtree)": 3,
+                      "failed review (with its subtree)": 3, "message whose parent is missing": 1}),
+    ("coig", 18, 0, {}),  # the empty-output row parses; the hygiene step drops it
+    ("coig_pc_core", 8, 0, {"`output` missing or not text": 1}),
+    ("shp", 0, 6, {"`human_ref_B` missing or not text": 1, "non-UTF-8 bytes": 1}),
+    ("ultrafeedback_binarized", 0, 5, {"tie (score_chosen == score_rejected)": 1,
+                                       "`chosen` is not a list of role/content messages": 1}),
+    ("hh_rlhf", 0, 7, {"chosen and rejected part before the last reply": 1,
+                       "transcript is not Human/Assistant turns": 1}),
+    ("pku_saferlhf", 0, 7, {}),  # the row without better_response_id is fine under chosen_by: safer
+])
+def test_each_parser_gives_the_expected_rows_and_counts_its_skips(name, sft, pref, skipped):
+    recs, skip = parse(name)
+    assert Counter(r["kind"] for r in recs) == Counter({k: v for k, v in (("sft", sft), ("pref", pref)) if v})
+    assert dict(skip) == skipped
+    assert all(r["source"] == name for r in recs)
+
+
+def short(message_id: str) -> str:
+    """`7a3cTTTT-0000-4000-8000-00000000000N` → `T/N`, as tests/fixtures/README.md writes them."""
+    return f"{int(message_id[4:8])}/{int(message_id[-12:])}"
+
+
+def pairs_of(recs: list[dict]) -> dict[str, list[str]]:
+    """prompter node → its pairs as `better>worse`."""
+    out: dict[str, list[str]] = {}
+    for r in recs:
+        if r["kind"] == "pref":
+            node, pair = r["source_id"].split(":")
+            out.setdefault(short(node), []).append(">".join(short(m) for m in pair.split(">")))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def test_oasst1_follows_the_best_ranked_path_and_pairs_every_ranked_sibling():
+    recs, _ = parse("oasst1")
+    paths = sorted(short(r["source_id"].split("/")[1]) for r in recs if r["kind"] == "sft")
+    assert paths == ["1/6", "2/1", "3/1", "4/4", "5/4"]  # the last message of each tree's best path
+    zh = next(r for r in recs if r["kind"] == "sft" and short(r["source_id"].split("/")[1]) == "1/6")
+    assert [m["role"] for m in zh["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert zh["messages"][1]["content"].startswith("大语言模型是在海量文本上训练出来的")  # 1/1, rank 0
+    assert zh["lang_hint"] == "zh"
+    # every (better, worse) pair by rank; the null-ranked 1/4, the deleted 4/1 and the review-failed 5/1 never appear
+    assert pairs_of(recs) == {"1/0": ["1/1>1/2", "1/1>1/3", "1/2>1/3"], "1/5": ["1/6>1/7"], "2/0": ["2/1>2/2"],
+                              "3/0": ["3/1>3/2"], "4/0": ["4/4>4/5"]}
+    follow_up = next(r for r in recs if r["kind"] == "pref" and short(r["source_id"].split(":")[0]) == "1/5")
+    assert [m["role"] for m in follow_up["prompt"]] == ["user", "assistant", "user"]  # all earlier turns
+
+
+def test_coig_reads_every_file_layout_with_one_instruction_rule():
+    recs, _ = parse("coig")
+    users = [r["messages"][0]["content"] for r in recs]
+    with_input = "给定一个句子，判断它的情感是正面还是负面。\n饭菜是凉的，服务员还把我们晾了二十分钟。"
+    assert with_input in users  # instruction + "\n" + input
+    assert "写一首关于秋天的短诗。" in users  # empty input: no trailing "\n"
+    chats = sorted(len(r["messages"]) for r in recs if "counterfactural" in r["meta"])
+    assert chats == [4, 6]  # the tar's two multi-round dialogues
+    code = next(r for r in recs if "```python" in r["messages"][-1]["content"])
+    assert "\n    " in code["messages"][-1]["content"]  # indentation inside the code block survives parsing
+
+
+def test_shp_chosen_follows_labels_and_min_score_ratio_filters():
+    recs, _ = parse("shp")
+    by_post = {r["group"]: r for r in recs}
+    assert by_post["x1cu02"]["chosen"][0]["content"] != by_post["x1cu02"]["rejected"][0]["content"]
+    raw = [json.loads(line) for line in (FIXTURES / "shp/askculinary/train.json").read_text("utf-8").splitlines()]
+    x2 = next(r for r in raw if r["post_id"] == "x1cu02")
+    assert x2["labels"] == 0 and by_post["x1cu02"]["chosen"][0]["content"] == x2["human_ref_B"]
+    strict, skip = parse("shp", min_score_ratio=2.0)
+    assert len(strict) == 4 and skip["score_ratio below min_score_ratio 2.0"] == 2
+
+
+def test_hh_rlhf_multi_turn_prompt_and_bare_replies():
+    recs, _ = parse("hh_rlhf")
+    multi = max(recs, key=lambda r: len(r["prompt"]))
+    assert [m["role"] for m in multi["prompt"]] == ["user", "assistant", "user", "assistant", "user"]
+    for r in recs:
+        for m in (*r["prompt"], *r["chosen"], *r["rejected"]):
+            assert not m["content"].startswith(("Human:", "Assistant:")) and "\n\nAssistant:" not in m["content"]
+
+
+def test_hh_rlhf_red_team_attempts_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="red-team-attempts, which holds red-team transcripts"):
+        resolve("prepare", hw="cpu", overrides=[("sources.hh_rlhf.subsets", ["red-team-attempts"])])
+
+
+def test_pku_chosen_by_safer_better_or_agree():
+    safer, _ = parse("pku_saferlhf")
+    better, skip_b = parse("pku_saferlhf", chosen_by="better")
+    agree, skip_a = parse("pku_saferlhf", chosen_by="agree")
+    assert (len(safer), len(better), len(agree)) == (7, 6, 5)
+    assert skip_b == {"`better_response_id` missing or not 0/1": 1}
+    assert skip_a["better and safer responses disagree (chosen_by: agree)"] == 1
+    flip = [(s["chosen"], b["chosen"]) for s, b in zip(safer, better, strict=False) if s["source_id"] == b["source_id"]]
+    assert any(a != b for a, b in flip)
+    assert all(json.loads(r["meta"])["chosen_safe"] is True for r in safer if json.loads(r["meta"])["rejected_safe"]
+               is False)
+
+
+def test_ultrafeedback_prompt_is_the_user_turn():
+    recs, _ = parse("ultrafeedback_binarized")
+    assert all([m["role"] for m in r["prompt"]] == ["user"] for r in recs)
+    assert all(len(r["chosen"]) == len(r["rejected"]) == 1 for r in recs)
+
+
+def test_hh_parser_on_transcripts_that_break_the_rules():
+    with pytest.raises(sources.BadRow, match="not Human/Assistant turns"):
+        sources.hh_turns("no speakers at all")
+    with pytest.raises(sources.BadRow, match="spans several Assistant turns"):
+        sources.hh_turns("\n\nHuman: hi\n\nAssistant: a  Human: b\n\nAssistant: c")
+    merged = sources.hh_turns("\n\nHuman: q\n\nAssistant: a\n\nAssistant: b\n\nHuman: q2\n\nAssistant: c")
+    assert [m["role"] for m in merged] == ["user", "assistant", "user", "assistant"]
+    assert merged[1]["content"] == "a\n\nb"
+
+
+def test_a_missing_path_is_a_clear_error(tmp_path):
+    r = resolve("prepare", hw="cpu", overrides=[("sources.oasst1.path", str(tmp_path / "nowhere"))])
+    with pytest.raises(ConfigError, match=r"`sources.0.path` .*nowhere.* does not exist"):
+        prepare.run(r)
+
+
+def test_an_unknown_source_name_names_the_closest():
+    with pytest.raises(ConfigError, match="did you mean `oasst1`"):
+        resolve("prepare", hw="cpu", overrides=[("sources.0.name", "oasst")])
+
+
+def test_a_source_option_on_the_wrong_source_is_an_error():
+    with pytest.raises(ConfigError, match=r"`sources.0.min_score_ratio` is read only for shp, not oasst1"):
+        resolve("prepare", hw="cpu", overrides=[("sources.0.min_score_ratio", 2.0)])
+
+
+def test_the_hub_offline_without_a_cache_says_how_to_fix_it():
+    src = SourceConfig(name="oasst1", hub_id="OpenAssistant/oasst1", revision="fdf72ae0827c1cda404aff25b6603abec9e3399b")
+    with pytest.raises(sources.SourceError, match="not in the local hub cache .* set `path:`"):
+        sources.download(src)
+
+
+def test_a_gated_source_says_accept_the_terms_and_log_in(monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):  # what the hub answers for a gated repo without accepted terms
+        raise GatedRepoError("403 gated", response=SimpleNamespace(headers={}, status_code=403, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    src = SourceConfig(name="coig_pc_core", hub_id="BAAI/COIG-PC-core", revision="main")
+    with pytest.raises(sources.SourceError, match=r"gated: accept its terms at .*BAAI/COIG-PC-core.*hf auth login"):
+        sources.download(src)
+
+
+def test_inline_checks_catch_a_broken_parser(monkeypatch, capsys):
+    from pipeline.data import inline
+
+    assert "7/7 parsers" in inline.run_inline_checks(list(inline.EXPECTED))
+    broken = dataclasses.replace(DATASETS["shp"], parse=sources.rowwise(lambda f, n, row, src: []))
+    monkeypatch.setitem(DATASETS, "shp", broken)
+    assert prepare.main(["--hw", "cpu"]) == 1
+    assert "shp: expected 0 SFT + 2 pairs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole stage on the fixtures
+# ---------------------------------------------------------------------------------------------------------------
+def run_stage(tmp_path: Path, *sets: str) -> Path:
+    out = tmp_path / "out"
+    args = ["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={out}", *(x for s in sets for x in ("--set", s))]
+    assert prepare.main(args) == 0
+    return out
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory):
+    """One real run of the stage on the smoke config, in its own MLflow store."""
+    tmp = tmp_path_factory.mktemp("prepare")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", "zh-align-test")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    out = run_stage(tmp)
+    yield out, uri
+    mp.undo()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+def test_the_stage_writes_exactly_the_outputs(stage):
+    out, _ = stage
+    assert sorted(p.name for p in out.iterdir()) == sorted([*prepare.OUTPUT_FILES, "token_lengths.png", "shares.png"])
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    for name in prepare.POOLS:
+        data = (out / name).read_bytes()
+        assert manifest["outputs"][name]["sha256"] == hashlib.sha256(data).hexdigest()
+        assert manifest["outputs"][name]["rows"] == data.count(b"\n")
+    assert "中文" in (out / "DATA_CARD.md").read_text(encoding="utf-8")
+    assert (out / "shares.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_counts_after_each_step_are_what_a_careful_reader_expects(stage):
+    out, _ = stage
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sources"]
+    assert m["oasst1"]["sft"]["after"] == {"parsed": 5, "hygiene": 5, "language": 4, "dedup": 4, "length": 4}
+    assert m["oasst1"]["pref"]["dropped"] == {"other language (neither zh nor en)": 1}  # the ja tree
+    assert m["coig"]["sft"]["dropped"] == {"empty or too-short turn": 1}
+    # coig is listed first, so the shared item stays with coig; 0:4 is 0:3 in full-width digits
+    assert m["coig_pc_core"]["sft"]["dropped"] == {"duplicate (same dedup key as an earlier row)": 2}
+    assert m["hh_rlhf"]["pref"]["dropped"] == {"duplicate (same dedup key as an earlier row)": 1}
+    assert m["shp"]["skipped"] == {"`human_ref_B` missing or not text": 1, "non-UTF-8 bytes": 1}
+    sft = rows(out / "sft.jsonl") + rows(out / "sft_eval.jsonl")
+    pref = rows(out / "pref.jsonl") + rows(out / "pref_eval.jsonl")
+    assert (len(sft), len(pref)) == (27, 30)  # SFT 5+18+8 parsed - 1 ja - 1 empty - 2 dups; pairs 7+5+7+6+7 - 1 - 1
+    assert len({r["id"] for r in sft}) == 27 and len({r["id"] for r in pref}) == 30
+
+
+def test_rows_carry_hygiene_language_tokens_bucket_and_licence(stage):
+    out, _ = stage
+    sft = rows(out / "sft.jsonl") + rows(out / "sft_eval.jsonl")
+    text = json.dumps(sft, ensure_ascii=False)
+    assert "GPT－4 在2023年 发布" in text and "ＧＰＴ" not in text and "２０２３" not in text  # letters/digits only
+    assert "，" in text and "（" in text  # Chinese punctuation kept
+    for r in sft:
+        assert set(r) >= {"id", "source", "source_id", "lang", "n_tokens", "bucket", "licence", "messages"}
+        assert r["lang"] in ("zh", "en") and r["licence"] == DATASETS[r["source"]].licence
+        assert [256, 1024, 2048, 4096][r["bucket"]] >= r["n_tokens"] > ([0, 256, 1024, 2048][r["bucket"]])
+    code = next(r for r in sft if "```python" in r["messages"][-1]["content"])
+    assert code["lang"] == "zh"  # judged by its prose, not its code
+    pku = [r for r in rows(out / "pref.jsonl") + rows(out / "pref_eval.jsonl") if r["source"] == "pku_saferlhf"]
+    assert all({"chosen_safe", "rejected_safe"} <= set(r["meta"]) for r in pku)
+
+
+def test_token_counts_use_the_chat_template_and_the_system_prompt(stage):
+    from pipeline.config import load_model
+    from pipeline.models import load_tokenizer
+
+    out, _ = stage
+    model = load_model("tiny-qwen2")
+    tok = load_tokenizer(model)
+    row = rows(out / "sft.jsonl")[0]
+    convo = [{"role": "system", "content": model.system_prompt}, *row["messages"]]
+    assert row["n_tokens"] == len(tok(tok.apply_chat_template(convo, tokenize=False), add_special_tokens=False)["input_ids"])
+
+
+def test_the_eval_split_keeps_trees_and_prompts_on_one_side(stage):
+    out, _ = stage
+    for kind, key in (("sft", "messages"), ("pref", "prompt")):
+        train, held = rows(out / f"{kind}.jsonl"), rows(out / f"{kind}_eval.jsonl")
+        assert held, f"{kind}_eval.jsonl is empty"
+
+        def first_user(r, key=key):
+            return next(m["content"] for m in r[key] if m["role"] == "user")
+        assert not {first_user(r) for r in train} & {first_user(r) for r in held}
+        trees = lambda rs: {r["source_id"][:36] for r in rs if r["source"] == "oasst1"}  # noqa: E731
+        assert not trees(train) & trees(held)
+
+
+def test_the_manifest_reports_the_epoch0_mix_and_its_shortfall(stage):
+    out, _ = stage
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    pref = m["mix_epoch0"]["pref"]
+    assert m["pool"]["pref"]["zh_share"] < 0.7 <= pref["zh_share"]  # English downsampled to hold the zh share
+    assert pref["shortfall"]["action"] == "downsample"
+    assert m["mix_epoch0"]["sft"]["shortfall"] is None and m["mix_epoch0"]["sft"]["zh_share"] >= 0.7
+
+
+def test_everything_is_on_the_mlflow_run(stage):
+    out, uri = stage
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("zh-align-test").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["licence.noncommercial"] == "true"
+    assert run.data.tags["licence.noncommercial_sources"] == "coig_pc_core,hh_rlhf,shp,pku_saferlhf"
+    assert run.data.metrics["rows.sft"] == len(rows(out / "sft.jsonl"))
+    assert run.data.metrics["shp.skipped"] == 2
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/manifest.json", "data/DATA_CARD.md", "data/token_lengths.png", "data/shares.png"} <= arts
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert inputs == {n.removesuffix(".jsonl"): manifest["outputs"][n]["sha256"][:32] for n in prepare.POOLS}
+
+
+def test_a_rerun_writes_byte_identical_files(stage, tmp_path, mlflow_store):
+    out, _ = stage
+    again = run_stage(tmp_path)
+    for name in (*prepare.OUTPUT_FILES, "token_lengths.png", "shares.png"):
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_truncate_cuts_by_whole_turns(tmp_path, mlflow_store):
+    out = run_stage(tmp_path, "buckets=[200, 400]", "filters.over_length=truncate", "eval_fraction=0.0",
+                    "mix.sft.curriculum=[]")
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sources"]
+    sft = [r for r in rows(out / "sft.jsonl") if r.get("truncated")]
+    pref = [r for r in rows(out / "pref.jsonl") if r.get("truncated")]
+    assert sft and all(r["n_tokens"] <= 400 and r["messages"][-1]["role"] == "assistant" for r in sft)
+    assert pref and all(r["n_tokens"] <= 400 and r["prompt"][-1]["role"] == "user" for r in pref)
+    assert sum(s.get("sft", {}).get("truncated", 0) for s in m.values()) == len(sft)
+
+
+def test_an_empty_pool_names_the_step_that_emptied_it(tmp_path, mlflow_store, capsys):
+    args = ["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp_path / 'out'}",
+            "--set", "filters.min_chars=100000"]
+    assert prepare.main(args) == 1
+    err = capsys.readouterr().err
+    assert "the sft pool is empty: the hygiene step removed all 31 parsed rows" in err and "filters.min_chars" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_english_fallback_off_drops_english_rows_and_warns_of_emptied_sources(tmp_path, mlflow_store, caplog):
+    out = run_stage(tmp_path, "filters.allow_english_fallback=false", "mix.on_shortfall=relax")
+    assert {r["lang"] for r in rows(out / "sft.jsonl") + rows(out / "pref.jsonl")} == {"zh"}
+    assert "source shp ends with 0 rows" in caplog.text and "English while filters.allow_english_fallback" in caplog.text
+
+
+def test_the_dry_run_shows_sources_revisions_filters_and_outputs(capsys):
+    assert prepare.main(["--hw", "4090"]) == 0
+    page = capsys.readouterr().out
+    assert "OpenAssistant/oasst1 @ fdf72ae0827c1cda404aff25b6603abec9e3399b" in page
+    assert "min_cn_ratio 0.3" in page and "outputs/data/default/sft.jsonl" in page
+    assert "7/7 parsers give the expected rows" in page
+    assert "min_score_ratio 2.0" in page and "licence CC-BY-NC-4.0" in page
+
+
+def test_parquet_shards_named_as_on_the_hub_give_the_same_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for split in ("train", "validation"):
+        raw = rows(FIXTURES / f"oasst1/data/{split}-00000-of-00001.jsonl")
+        (tmp_path / "data").mkdir(exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(raw), tmp_path / f"data/{split}-00000-of-00001-b42a775f407cee45.parquet")
+    src = SourceConfig(name="oasst1", hub_id="x", revision="x", path=str(tmp_path))
+    tally = Tally()
+    from_parquet = list(records(src, list_files(tmp_path, src, DATASETS["oasst1"]), tally))
+    from_jsonl, skipped = parse("oasst1")
+    assert [r["source_id"] for r in from_parquet] == [r["source_id"] for r in from_jsonl]
+    assert tally.skipped == skipped
+
+
+def test_the_hub_download_asks_for_the_configured_subsets_only(monkeypatch):
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        return str(FIXTURES / "pku_saferlhf")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    src = SourceConfig(name="pku_saferlhf", hub_id="PKU-Alignment/PKU-SafeRLHF", revision="9421ffaf", subsets=["Alpaca-7B"],
+                       splits=["test"])
+    root = sources.download(src)
+    assert asked == {"repo_id": "PKU-Alignment/PKU-SafeRLHF", "repo_type": "dataset", "revision": "9421ffaf",
+                     "allow_patterns": ["data/Alpaca-7B/*"]}
+    assert [f.rel for f in list_files(root, src, DATASETS["pku_saferlhf"])] == ["data/Alpaca-7B/test.jsonl"]

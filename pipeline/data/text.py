@@ -20,13 +20,19 @@ Lang = Literal["zh", "en", "other"]
 _FULLWIDTH = {cp: cp - 0xFEE0 for lo, hi in ((0xFF10, 0xFF19), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A))
               for cp in range(lo, hi + 1)}
 _FULLWIDTH[0x3000] = 0x20
+_WIDE = re.compile(r"[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\u3000]")  # any character _FULLWIDTH maps
+# Common full-width marks and their NFKD forms (ASCII): NFKC of a text with them replaced is the same, as its NFKD
+# is; and with them gone NFKC's quick check passes on most Chinese text, instead of a full decomposition.
+_NFKD_FIRST = tuple((c, unicodedata.normalize("NFKD", c)) for c in "，！？：；（）％～…\u3000")
 _FENCE = re.compile(r"(^```.*?(?:^```[^\n]*$|\Z))", re.M | re.S)
 _SPACES = re.compile(r"[ \t]{2,}")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
-_KANA_HANGUL = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]")
+# Runs of each character class: script() counts characters by runs (Han: runs replaced by a space each), which
+# makes far fewer objects than one match per character.
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]+")
+_KANA_HANGUL = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\u1100-\u11ff\u3130-\u318f\uac00-\ud7af]+")
 _LATIN_WORD = re.compile(r"[A-Za-z]+")
 _OTHER_LETTER = re.compile(r"[^\W\d_A-Za-z\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\u31f0-\u31ff"
-                           r"\u1100-\u11ff\u3130-\u318f\uac00-\ud7af\U00020000-\U0002ebef]")
+                           r"\u1100-\u11ff\u3130-\u318f\uac00-\ud7af\U00020000-\U0002ebef]+")
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
 
 
@@ -42,19 +48,27 @@ def _split_code(text: str) -> list[tuple[bool, str]]:
 
 
 def _clean_prose(piece: str) -> str:
-    piece = piece.translate(_FULLWIDTH)
-    return "\n".join(_SPACES.sub(" ", line).rstrip() for line in piece.split("\n"))
+    if _WIDE.search(piece):
+        piece = piece.translate(_FULLWIDTH)
+    if "  " in piece or "\t" in piece:  # runs of [ \t] never cross a line end: one pass over the piece, if any
+        piece = _SPACES.sub(" ", piece)
+    return "\n".join([line.rstrip() for line in piece.split("\n")])
 
 
 def normalise(text: str) -> str:
     """The training text: full-width letters/digits and U+3000 → ASCII, spaces compressed, line ends trimmed,
     line structure and fenced code kept, surrounding blank space removed."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "```" not in text:  # no fence, one prose piece
+        return _clean_prose(text).strip()
     return "".join(p if code else _clean_prose(p) for code, p in _split_code(text)).strip()
 
 
 def dedup_key(text: str) -> str:
     """What two texts must share to count as duplicates: NFKC, case-folded, all whitespace folded to one space."""
+    for wide, narrow in _NFKD_FIRST:
+        if wide in text:
+            text = text.replace(wide, narrow)
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
@@ -74,11 +88,37 @@ class Script:
     def han_share(self) -> float:
         return self.han / self.total if self.total else 0.0
 
+    @property
+    def lang(self) -> Lang:
+        """The language these counts make (see :func:`classify`)."""
+        if self.total == 0:
+            return "other"
+        if self.kana_hangul >= max(1, 0.05 * self.total) or self.other > self.han + self.latin_words:
+            return "other"
+        return "zh" if self.han >= self.latin_words else "en"
+
+
+def _prose(text: str) -> str:
+    """The text without its fenced code blocks, inline code spans blanked."""
+    if "```" in text:
+        text = "".join(p for code, p in _split_code(text) if not code)
+    return _INLINE_CODE.sub(" ", text) if "`" in text else text
+
 
 def script(text: str) -> Script:
-    prose = _INLINE_CODE.sub(" ", "".join(p for code, p in _split_code(text) if not code))
-    return Script(han=len(_HAN.findall(prose)), latin_words=len(_LATIN_WORD.findall(prose)),
-                  kana_hangul=len(_KANA_HANGUL.findall(prose)), other=len(_OTHER_LETTER.findall(prose)))
+    prose = _prose(text)
+    han = 0
+    if not prose.isascii():  # Han runs → one space each: what is left is shorter to scan, and no two words join
+        rest, runs = _HAN.subn(" ", prose)
+        prose, han = rest, len(prose) - len(rest) + runs
+    if prose.isascii():  # no kana, hangul or other letters: ASCII letters are Latin, digits and _ are not letters
+        return Script(han=han, latin_words=len(_LATIN_WORD.findall(prose)), kana_hangul=0, other=0)
+    return Script(han=han, latin_words=len(_LATIN_WORD.findall(prose)), kana_hangul=_chars(_KANA_HANGUL, prose),
+                  other=_chars(_OTHER_LETTER, prose))
+
+
+def _chars(pattern: re.Pattern[str], text: str) -> int:
+    return sum(map(len, pattern.findall(text)))
 
 
 def classify(text: str, dataset_lang: str | None = None) -> Lang:
@@ -87,9 +127,4 @@ def classify(text: str, dataset_lang: str | None = None) -> Lang:
     if dataset_lang:
         tag = dataset_lang.lower()
         return "zh" if tag.startswith("zh") else "en" if tag.startswith("en") else "other"
-    s = script(text)
-    if s.total == 0:
-        return "other"
-    if s.kana_hangul >= max(1, 0.05 * s.total) or s.other > s.han + s.latin_words:
-        return "other"
-    return "zh" if s.han >= s.latin_words else "en"
+    return script(text).lang
