@@ -10,10 +10,11 @@ LOSS ?= orpo
 PORT ?= 5000
 CONFIG ?=
 ROWS ?= 1000000
+ACCEL ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help setup plan prepare data bench-data sft align orpo dpo evaluate eval export ui test lint clean
+.PHONY: help setup plan prepare data bench-data gpu-smoke sft align orpo dpo evaluate eval export ui test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -69,11 +70,14 @@ data: prepare ## alias of prepare
 bench-data: $(STAMP) ## time the cleaning path on ROWS synthetic zh/en rows against a naive loop (speed, peak RSS)
 	$(PY) -m pipeline.data.bench --rows $(ROWS)
 
-sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft
-	$(call stage,sft)
+gpu-smoke: $(STAMP) ## on a CUDA GPU: sft for a few steps in bf16, QLoRA and Liger + a forced OOM; JSON in outputs/gpu-smoke
+	$(PY) -m pipeline.gpu_smoke --out outputs/gpu-smoke
+
+sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft (ACCEL=ddp: all GPUs)
+	$(call stage,sft,,-P accel='$(ACCEL)')
 
 align: $(STAMP) ## preference alignment from the SFT adapter, LOSS=orpo|dpo
-	$(call stage,align,--loss '$(LOSS)',-P loss='$(LOSS)')
+	$(call stage,align,--loss '$(LOSS)',-P loss='$(LOSS)' -P accel='$(ACCEL)')
 
 orpo: ## align with ORPO (= make align LOSS=orpo)
 	@$(MAKE) --no-print-directory align LOSS=orpo

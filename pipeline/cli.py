@@ -18,6 +18,7 @@ from typing import Any
 from pipeline.config import DEFAULT_HW, LOSSES, ConfigError, Resolved, apply_hub_env, parse_overrides, resolve
 
 log = logging.getLogger("pipeline")
+TRAINING = ("sft", "align")  # the stages that can run on several processes (--accel)
 
 
 class StageError(RuntimeError):
@@ -57,7 +58,39 @@ def make_parser(stage: str, description: str | None = None) -> argparse.Argument
     if stage == "align":
         parser.add_argument("--loss", type=parse_loss, default=None, metavar="orpo|dpo",
                             help="orpo or dpo: picks configs/<loss>.yaml when --config is not given")
+    if stage in TRAINING:
+        parser.add_argument("--accel", default="", metavar="NAME",
+                            help="run under `accelerate launch` with configs/accelerate/NAME.yaml (e.g. ddp: one "
+                                 "process per GPU); empty = one process")
     return parser
+
+
+def relaunch(stage: str, accel: str, argv: list[str], device: str) -> int:
+    """Start the stage again under `accelerate launch` with configs/accelerate/<accel>.yaml: one process per GPU (two
+    gloo processes on CPU). The children inherit MLFLOW_RUN_ID; rank 0 logs to that run, the others log nothing."""
+    import subprocess
+
+    from pipeline.config import CONFIGS
+
+    config = CONFIGS / "accelerate" / f"{accel}.yaml"
+    if not config.exists():
+        choices = sorted(p.stem for p in config.parent.glob("*.yaml"))
+        print(f"error: --accel {accel!r}: no {config}; choices: {', '.join(choices)}", file=sys.stderr)
+        return 2
+    if device == "cpu":  # torchrun's two processes; the Trainer (use_cpu) joins them with gloo
+        extra = ["--multi_gpu", "--num_processes", "2"]
+    else:
+        import torch
+
+        extra = ["--num_processes", str(max(1, torch.cuda.device_count()))]
+    args = [a for a in argv if not a.startswith("--accel")]
+    if "--accel" in argv:  # the value of a separate `--accel NAME`
+        i = argv.index("--accel")
+        args = argv[:i] + argv[i + 2:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *extra,
+           "-m", f"pipeline.{stage}", *args]
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.call(cmd)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +120,8 @@ def main(stage: str, plan: Callable[[Resolved], Any], run: Callable[[Resolved], 
         print(f"error: {err}", file=sys.stderr)
         return 2
     hub_env = apply_hub_env(resolved.hub)
+    if getattr(args, "accel", "") and not args.dry_run and "LOCAL_RANK" not in os.environ:
+        return relaunch(stage, args.accel, list(sys.argv[1:] if argv is None else argv), resolved.hw.device)
     if args.dry_run:
         from pipeline.plan import render
 

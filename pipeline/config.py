@@ -155,6 +155,13 @@ class TrainConfig:
     scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = 1.0
     seed: int = 42
+    max_steps: int | None = None         # stop after this many optimizer steps (smoke runs, tests); null = epochs
+    logging_steps: int = 10
+    eval_steps: int = 200                # eval_loss on the eval split every N steps (and at the end)
+    save_steps: int = 200                # a checkpoint every N steps (what `resume` continues from)
+    save_total_limit: int = 2
+    resume: str | None = None            # auto (the last checkpoint in output_dir) | a checkpoint folder | null
+    early_stopping_patience: int | None = None  # stop after N evals without a lower eval_loss; null = off
 
 
 @dataclass
@@ -614,9 +621,16 @@ def check_stage(stage: str, cfg: Any, src: str) -> list[str]:
         if not 0.0 <= cfg.lora.dropout < 1.0:
             problems.append(f"{src}: `lora.dropout` must be in [0, 1); got {cfg.lora.dropout}")
     if hasattr(cfg, "train"):
-        share("train.warmup_ratio", cfg.train.warmup_ratio)
-        if cfg.train.lr <= 0 or cfg.train.epochs <= 0:
+        t = cfg.train
+        share("train.warmup_ratio", t.warmup_ratio)
+        if t.lr <= 0 or t.epochs <= 0:
             problems.append(f"{src}: `train.lr` and `train.epochs` must be positive")
+        for key in ("logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            if getattr(t, key) < 1:
+                problems.append(f"{src}: `train.{key}` must be at least 1; got {getattr(t, key)}")
+        for key in ("max_steps", "early_stopping_patience"):
+            if getattr(t, key) is not None and getattr(t, key) < 1:
+                problems.append(f"{src}: `train.{key}` must be at least 1 or null; got {getattr(t, key)}")
     if stage == "align":
         if cfg.beta <= 0:
             problems.append(f"{src}: `beta` must be positive; got {cfg.beta}")

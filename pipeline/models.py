@@ -19,7 +19,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import ROOT, ModelDef
+from pipeline.config import ROOT, HardwareProfile, LoraConfig, ModelDef, QloraConfig
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +137,57 @@ def load_tokenizer(model: ModelDef):
 
     path, revision = base_model_path(model)
     return AutoTokenizer.from_pretrained(path, revision=revision)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: the base (bf16/fp32, or 4-bit for QLoRA) with a LoRA adapter on top
+# ----------------------------------------------------------------------------------------------------------------
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def check_device(hw: HardwareProfile) -> None:
+    """Refuse, before anything is loaded, what this machine cannot do (bitsandbytes does not refuse QLoRA on CPU)."""
+    import torch
+
+    from pipeline.cli import StageError
+
+    cuda = torch.cuda.is_available()
+    if hw.qlora and not cuda:
+        raise StageError(f"profile {hw.name} turns QLoRA on, which needs a CUDA GPU, and this machine has none; "
+                         f"use a GPU or SET=\"hw.qlora=false\"")
+    if hw.device == "cuda" and not cuda:
+        raise StageError(f"profile {hw.name} needs a CUDA GPU and this machine has none; use HW=cpu here")
+    if hw.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise StageError(f"profile {hw.name} trains in bf16, which {torch.cuda.get_device_name()} does not support; "
+                         f"SET=\"hw.precision=fp16\" (or fp32)")
+
+
+def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig, qlora: QloraConfig,
+                      adapter: str | None = None):
+    """(PEFT model with a trainable LoRA, tokenizer). QLoRA loads the base in 4 bit (NF4, double quant, bf16
+    compute) and leaves the other weights in the compute dtype — PEFT's prepare_model_for_kbit_training would upcast
+    them to fp32, measured at half the speed and +60 % memory. ``adapter`` continues from a saved adapter."""
+    import torch
+    from peft import LoraConfig as PeftLora
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path, revision = base_model_path(model)
+    dtype = getattr(torch, DTYPES[hw.precision])
+    kwargs: dict = {"dtype": dtype, "revision": revision}
+    if hw.qlora:
+        from transformers import BitsAndBytesConfig
+
+        compute = getattr(torch, DTYPES[qlora.compute_dtype])
+        kwargs.update(dtype=compute, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=qlora.quant_type, bnb_4bit_use_double_quant=qlora.double_quant,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute))
+    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if hw.activation_checkpointing:
+        base.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
+    if adapter:
+        peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    else:
+        peft_model = get_peft_model(base, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                   target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return peft_model, load_tokenizer(model)

@@ -11,6 +11,7 @@ The light helpers (``tracking_uri``, ``experiment_name``) import nothing heavy: 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -97,10 +98,27 @@ def pip_freeze() -> str:
     return "".join(f"{name}=={version}\n" for name, version in sorted(dists.items()) if name)
 
 
+def rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (0 when alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def rank0(fn: Any) -> Any:
+    """Only rank 0 talks to MLflow; on the other ranks a logging call does nothing."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if rank() == 0 else None
+    return wrapper
+
+
 @contextmanager
 def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry_run: bool = False,
               run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Open (or attach to) the stage's MLflow run and log what makes it reproducible; yields the ActiveRun."""
+    """Open (or attach to) the stage's MLflow run and log what makes it reproducible; yields the ActiveRun.
+    On ranks other than 0 (several processes) it opens nothing and yields None."""
+    if rank() != 0:
+        yield None
+        return
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -143,6 +161,7 @@ def _close(mlflow: Any, handler: logging.Handler, logdir: Path, stage: str, owne
             mlflow.end_run(status)
 
 
+@rank0
 def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
     import mlflow
 
@@ -152,24 +171,28 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
         mlflow.log_params(dict(items[i: i + BATCH]))
 
 
+@rank0
 def log_text(text: str, artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_text(text, artifact_file)
 
 
+@rank0
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics(dict(metrics), step=step)
 
 
+@rank0
 def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
     mlflow.set_tags({k: REDACTED if is_secret(k) else str(v) for k, v in tags.items()})
 
 
+@rank0
 def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> None:
     import mlflow
 
@@ -177,6 +200,7 @@ def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> No
         mlflow.log_artifact(str(path), artifact_path)
 
 
+@rank0
 def log_file_input(path: Path, *, name: str, digest: str, context: str, tags: Mapping[str, Any] | None = None) -> None:
     """Record a file the run produced or read as a dataset input of the run (name, digest, where it lies)."""
     import mlflow
@@ -188,3 +212,137 @@ def log_file_input(path: Path, *, name: str, digest: str, context: str, tags: Ma
         source = resolve_dataset_source(Path(path).resolve().as_uri())
     mlflow.log_input(MetaDataset(source, name=name, digest=digest[:32]), context=context,
                      tags={k: str(v) for k, v in (tags or {}).items()})
+
+
+def has_run() -> bool:
+    """Whether a run is open here (MLflow's fluent calls would otherwise start one silently)."""
+    import mlflow
+
+    return mlflow.active_run() is not None
+
+
+@rank0
+def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(dict(data), artifact_file)
+
+
+@rank0
+def log_table(columns: Mapping[str, list], artifact_file: str) -> None:
+    """A table (equal-length columns) that `mlflow ui` shows in its artifact view and its evaluation tab."""
+    import mlflow
+
+    mlflow.log_table(data=dict(columns), artifact_file=artifact_file)
+
+
+def prepared_folder(run_id: str) -> Path:
+    """The output folder of a prepare run, found from the pools it logged as dataset inputs."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.cli import StageError
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise StageError(f"`data.run_id` {run_id!r} is not a run in {tracking_uri()}; check the id in `mlflow ui`, "
+                         f"or set `data.path` to the prepared folder") from err
+    for item in run.inputs.dataset_inputs:
+        uri = json.loads(item.dataset.source).get("uri", "")
+        if uri.startswith("file://") and uri.endswith("/sft.jsonl"):
+            folder = Path(uri.removeprefix("file://")).parent
+            if (folder / "manifest.json").exists():
+                return folder
+            raise StageError(f"prepare run {run_id} wrote its pools to {folder}, which no longer holds them; rerun "
+                             f"prepare or set `data.path`")
+    raise StageError(f"run {run_id} is not a prepare run (it logged no pools); use the run id of `make prepare`")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model registry: a LoRA adapter as a pyfunc model (pipeline/adapter_model.py), registered and aliased
+# --------------------------------------------------------------------------------------------------------------
+ADAPTER_MODEL_CODE = Path(__file__).with_name("adapter_model.py")
+ADAPTER_REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "jinja2")
+_TRAINING_LEFTOVERS = ("checkpoint-*", "runs", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*",
+                       "trainer_state.json")
+
+
+def adapter_requirements() -> list[str]:
+    """Pins of what the pyfunc imports, from the installed versions (local build tags such as ``+cpu`` dropped)."""
+    return [f"{pkg}=={metadata.version(pkg).split('+', 1)[0]}" for pkg in ADAPTER_REQUIREMENTS]
+
+
+def portable_base_name(base_model: str) -> str:
+    """What ``adapter_config.json`` records as its base: the hub id, or a local base's folder name."""
+    is_local = os.path.isabs(base_model) or base_model.startswith(".") or Path(base_model).exists()
+    return Path(base_model).name if is_local else base_model
+
+
+def stage_adapter(adapter_dir: Path, dest: Path, base_model: str) -> Path:
+    """Copy an adapter folder to ``dest`` without training leftovers, ``base_model_name_or_path`` made portable."""
+    import shutil
+
+    shutil.copytree(adapter_dir, dest, ignore=shutil.ignore_patterns(*_TRAINING_LEFTOVERS))
+    config_path = dest / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    recorded, portable = config.get("base_model_name_or_path"), portable_base_name(base_model)
+    config["base_model_name_or_path"] = portable
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    card = dest / "README.md"  # PEFT's model card repeats the recorded base in its metadata
+    if recorded and recorded != portable and card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(recorded, portable), encoding="utf-8")
+    return dest
+
+
+@rank0
+def log_adapter_model(adapter_dir: str | Path, *, registered_name: str, alias: str, base_model: str,
+                      revision: str | None, system_prompt: str, tags: Mapping[str, Any] | None = None,
+                      name: str = "adapter", max_new_tokens: int = 64) -> dict[str, Any]:
+    """Log a PEFT adapter folder as a pyfunc model in the active run, register it and move ``alias`` to it.
+
+    ``adapter_dir`` holds ``adapter_config.json`` + ``adapter_model.safetensors`` and the tokenizer files (with the
+    chat template). It is logged as the artifact ``adapter`` from a temporary copy, never changed in place: the copy
+    leaves out trainer leftovers (``checkpoint-*``, optimizer state) and its ``base_model_name_or_path`` is rewritten
+    to the hub id, or for a local base to the base's folder name (PEFT's ``README.md`` model card likewise), so no
+    absolute local path is published.
+    ``base_model`` / ``revision`` / ``system_prompt`` go to the model's ``model_config`` as given (a local base must
+    then exist where it is loaded, or be overridden at load: ``model_config={"base_model": ...}``).
+    The new version gets ``tags`` + ``base_model`` + ``revision`` as model-version tags.
+    Returns ``{"name", "version" (int), "uri": "models:/NAME@ALIAS", "model_uri"}``.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: save the PEFT adapter there first")
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_adapter_model needs an active run: call it inside tracking.start_run(...)")
+    model_config = {"base_model": str(base_model), "revision": revision, "system_prompt": system_prompt,
+                    "max_new_tokens": int(max_new_tokens), "dtype": "auto", "device": "auto"}
+    with tempfile.TemporaryDirectory(prefix="zh-align-adapter-") as tmp:
+        staged = stage_adapter(adapter_dir, Path(tmp) / "adapter", str(base_model))
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(ADAPTER_MODEL_CODE), artifacts={"adapter": str(staged)},
+            model_config=model_config, registered_model_name=registered_name,
+            pip_requirements=adapter_requirements())
+    version = int(info.registered_model_version)
+    set_model_version_tags(registered_name, version,
+                           {**(tags or {}), "base_model": base_model, "revision": revision or "none"})
+    MlflowClient().set_registered_model_alias(registered_name, alias, version)
+    log.info("registered %s version %s as @%s", registered_name, version, alias)
+    return {"name": registered_name, "version": version, "uri": f"models:/{registered_name}@{alias}",
+            "model_uri": info.model_uri}
+
+
+@rank0
+def set_model_version_tags(name: str, version: str | int, tags: Mapping[str, Any]) -> None:
+    """Tags on one registered model version (secret-looking keys redacted, values as text within MLflow's limit)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        text = REDACTED if is_secret(str(key)) else str(value)
+        client.set_model_version_tag(name, str(version), str(key), text[:MAX_VALUE])

@@ -42,7 +42,7 @@ def test_every_declared_parameter_reaches_the_command_and_the_cli_accepts_it(nam
     placeholders = set(re.findall(r"\{(\w+)\}", ep["command"]))
     assert placeholders == set(params), f"{name}: declared {sorted(params)} but the command uses {sorted(placeholders)}"
     assert not set(params) & TRAINING_ARGS
-    sample = {"config": "", "hw": "cpu", "dry_run": "true", "overrides": "", "loss": ""}
+    sample = {"config": "", "hw": "cpu", "dry_run": "true", "overrides": "", "loss": "", "accel": ""}
     argv = shlex.split(ep["command"].format(**{k: shlex.quote(sample[k]) for k in params}))
     assert argv[:3] == ["python", "-m", f"pipeline.{name}"]
     assert importlib.import_module(f"pipeline.{name}").main(argv[3:]) == 0
@@ -52,13 +52,14 @@ def test_parameters_are_launch_choices_whose_defaults_match_the_cli():
     for name, ep in ENTRY_POINTS.items():
         params = ep["parameters"]
         assert "default" not in params["hw"], f"{name}: hw has no default in MLproject (the Makefile's HW names it)"
-        assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss"}
+        assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss", "accel"}
         if name != "plan":
             assert {"config", "hw", "dry_run", "overrides"} <= set(params)
             assert params["dry_run"]["default"] == "true"
             parser = importlib.import_module("pipeline.cli").make_parser(name)
             assert parser.parse_args([]).dry_run is True
     assert "loss" in ENTRY_POINTS["align"]["parameters"]
+    assert all("accel" in ENTRY_POINTS[s]["parameters"] for s in ("sft", "align"))
     assert re.search(r"^HW \?= (\S+)$", MAKEFILE, re.M).group(1) == C.DEFAULT_HW
 
 

@@ -38,7 +38,7 @@ def test_the_plan_of_every_stage_under_every_profile(stage, hw, capsys):
 def test_stage_plans_name_what_later_issues_rely_on(capsys):
     _main("sft")(["--hw", "4090"])
     sft = capsys.readouterr().out
-    assert "outputs/data/default/{sft.jsonl,sft_eval.jsonl}" in sft and "zh-align-sft@candidate" in sft
+    assert "outputs/data/default/{sft.jsonl,sft_eval.jsonl,manifest.json}" in sft and "zh-align-sft@candidate" in sft
     _main("align")(["--hw", "4090", "--loss", "dpo"])
     dpo = capsys.readouterr().out
     assert "loss" in dpo and "dpo, beta 0.2, length penalty alpha 0.02" in dpo and "-P loss=dpo" in dpo
@@ -56,7 +56,7 @@ def test_the_equivalent_command_carries_config_and_overrides(capsys):
     assert "r: 8" in out and "epochs: 2.0" in out
 
 
-BUILT = ("prepare",)  # stages whose real run works; the others say they are not built yet
+BUILT = ("prepare", "sft")  # stages whose real run works; the others say they are not built yet
 
 
 @pytest.mark.parametrize("stage", [s for s in STAGES if s not in BUILT])

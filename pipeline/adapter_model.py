@@ -1,0 +1,101 @@
+"""The registered model: a base causal LM + a LoRA adapter, as an MLflow pyfunc (models-from-code).
+
+``pipeline.tracking.log_adapter_model`` logs this file as the model's code, the adapter folder (PEFT weights + the
+tokenizer with its chat template) as the artifact ``adapter``, and the base model in ``model_config``, whose keys
+can be overridden at load time (``mlflow.pyfunc.load_model(uri, model_config={"base_model": "/local/copy"})``):
+
+- ``base_model``: hub id or local folder of the base; ``revision``: its pinned commit, or null
+- ``system_prompt``: prepended when a conversation has no system turn (the Qwen template would inject an English one)
+- ``max_new_tokens`` (64), ``dtype`` (``auto`` = bfloat16 on a GPU that supports it, else float32; or ``bfloat16`` /
+  ``float16`` / ``float32``), ``device`` (``auto`` = cuda when available, else cpu; or a torch device string)
+
+``predict`` takes a list of prompts, a DataFrame with a ``prompt`` column, one conversation (a list of
+``{"role", "content"}`` dicts) or a list of conversations, and returns the greedy continuation of each, new text
+only. The file imports nothing from ``pipeline``: MLflow runs it on its own when the model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+DEFAULTS = {"base_model": None, "revision": None, "system_prompt": None, "max_new_tokens": 64, "dtype": "auto",
+            "device": "auto"}
+
+
+class AdapterModel(PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        config = {**DEFAULTS, **{k: v for k, v in (context.model_config or {}).items() if v is not None}}
+        if not config["base_model"]:
+            raise ValueError("model_config['base_model'] is empty: pass the base's hub id or local folder")
+        self.system_prompt = config["system_prompt"]
+        self.max_new_tokens = int(config["max_new_tokens"])
+        device = config["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = config["dtype"]
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        adapter = context.artifacts["adapter"]
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter)
+        self.tokenizer.padding_side = "left"  # batched generation continues each row from its last token
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(config["base_model"], revision=config["revision"],
+                                                    dtype=getattr(torch, dtype), device_map=device)
+        self.model = PeftModel.from_pretrained(base, adapter).eval()
+        eos = base.generation_config.eos_token_id if base.generation_config else None
+        # Plain greedy decoding: the hub's sampling settings (temperature, top_p, repetition_penalty) are not inherited.
+        self.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos or self.tokenizer.eos_token_id,
+                                                  pad_token_id=self.tokenizer.pad_token_id)
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        import torch
+
+        conversations = [self._conversation(item) for item in _items(model_input)]
+        if not conversations:
+            return []
+        texts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(self.model.device)
+        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, generation_config=self.generation_config, max_new_tokens=max_new_tokens)
+        new = out[:, batch["input_ids"].shape[1]:]
+        return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def _conversation(self, item: Any) -> list[dict[str, str]]:
+        messages = [{"role": "user", "content": item}] if isinstance(item, str) else [dict(m) for m in item]
+        if self.system_prompt and (not messages or messages[0].get("role") != "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+
+def _items(model_input: Any) -> list[Any]:
+    """Prompts or conversations from the accepted input shapes."""
+    if hasattr(model_input, "columns"):  # a pandas DataFrame, as the REST server passes it
+        column = "prompt" if "prompt" in model_input.columns else "messages"
+        if column not in model_input.columns:
+            raise ValueError(f"a DataFrame input needs a 'prompt' column; got {list(model_input.columns)}")
+        items = model_input[column].tolist()
+    elif isinstance(model_input, dict):
+        items = model_input.get("prompt", model_input.get("messages"))
+        if items is None:
+            raise ValueError(f"a dict input needs a 'prompt' key; got {list(model_input)}")
+    else:
+        items = model_input
+    if isinstance(items, str):
+        return [items]
+    items = list(items)
+    if items and isinstance(items[0], dict):  # a single conversation
+        return [items]
+    return [item if isinstance(item, str) else list(item) for item in items]
+
+
+mlflow.models.set_model(AdapterModel())

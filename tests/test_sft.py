@@ -1,0 +1,170 @@
+"""The sft stage on the tiny model (CPU, offline): loss falls, assistant-only labels, the sampler's order, metrics
+and the registered adapter in MLflow, resume, and the errors that must come before any loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import prepare, sft, train
+from pipeline.config import parse_overrides, resolve
+
+FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    """The smoke pool, prepared once for this module (its own MLflow store)."""
+    tmp = tmp_path_factory.mktemp("pool")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
+    mp.undo()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    return tmp / "data"
+
+
+def resolved(pool: Path, out: Path, *sets: str):
+    return resolve("sft", hw="cpu", overrides=parse_overrides([f"data.path={pool}", f"output_dir={out}", *FAST, *sets]))
+
+
+def test_the_ordered_dataset_holds_the_zh_share(pool, tmp_path):
+    r = resolved(pool, tmp_path)
+    p = train.load_pool(r.cfg.data, "sft", r)
+    rows, report = train.order(p, 1.5)
+    tokens = sum(p.train[i]["n_tokens"] for i in rows)
+    zh = sum(p.train[i]["n_tokens"] for i in rows if p.train[i]["lang"] == "zh")
+    assert zh / tokens >= 0.7 and report["zh_share"] == pytest.approx(zh / tokens, abs=1e-3)
+    assert tokens == pytest.approx(1.5 * sum(x["n_tokens"] for x in p.train), rel=0.1)  # 1.5 epochs laid out
+
+
+def test_labels_cover_only_the_assistant_answers_and_their_end_token(pool, tmp_path):
+    r = resolved(pool, tmp_path)
+    p = train.load_pool(r.cfg.data, "sft", r)
+    trainer, tok = sft._trainer(r, p, list(range(4)), tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    row = p.train[0]
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    learned = tok.decode(ids[labels != -100])
+    answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+    assert learned == "".join(f"{a}<|im_end|>" for a in answers) or learned.replace("\n", "") == \
+        "".join(f"{a}<|im_end|>" for a in answers).replace("\n", "")
+    assert "你是一个乐于助人" in tok.decode(ids)  # the model's Chinese system prompt was added …
+    assert "你是一个乐于助人" not in learned  # … and is not learned
+
+
+def test_loss_falls_clearly_over_twenty_steps_on_a_small_repeated_set(pool, tmp_path):
+    r = resolved(pool, tmp_path, "train.max_steps=20", "train.lr=2e-2", "train.warmup_ratio=0.0",
+                 "train.eval_steps=100", "train.save_steps=100")
+    p = train.load_pool(r.cfg.data, "sft", r)
+    trainer, _ = sft._trainer(r, p, [0, 1, 2, 3] * 20, tmp_path)  # four conversations, one batch, seen 20 times
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
+
+
+def test_a_run_logs_its_metrics_and_registers_the_adapter(pool, tmp_path, mlflow_store):
+    r = resolved(pool, tmp_path / "out", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2")
+    result = sft.run(r)
+    client = mlflow.MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("zh-align-test").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_second", "epoch", "eval_loss"):
+        assert key in run.data.metrics, key
+    manifest = json.loads((pool / "manifest.json").read_text(encoding="utf-8"))
+    assert run.data.params["data.sha256"] == manifest["outputs"]["sft.jsonl"]["sha256"]
+    assert run.data.tags["licence.noncommercial"] == "true"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "generations.json" in arts
+    version = client.get_model_version_by_alias("zh-align-sft", "candidate")
+    assert version.run_id == run.info.run_id and version.tags["hw"] == "cpu"
+    assert version.tags["data.sha256"] == manifest["outputs"]["sft.jsonl"]["sha256"] and version.tags["final_loss"]
+    config = json.loads((Path(result.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["base_model_name_or_path"]  # the registered copy is checked for absolute paths in test_registry
+    model = mlflow.pyfunc.load_model("models:/zh-align-sft@candidate")
+    out = model.predict(["你好，请介绍一下你自己。"])
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(pool, tmp_path, mlflow_store):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sets = ("train.max_steps=4", "train.save_steps=2", "train.eval_steps=100", "register.name=zh-align-resume")
+    whole = sft.run(resolved(pool, tmp_path / "a", *sets))
+    sft.run(resolved(pool, tmp_path / "b", *sets))
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")  # as if the run had died after step 2
+    resumed = sft.run(resolved(pool, tmp_path / "b", *sets, "train.resume=auto"))
+    a = load_file(Path(whole.adapter) / "adapter_model.safetensors")
+    b = load_file(Path(resumed.adapter) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+    fresh = load_file(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors")
+    assert any((a[k] - fresh[k]).abs().max() > 0 for k in a)  # the last two steps did change the adapter
+
+
+@pytest.mark.parametrize("sets,message", [
+    ([], "profile 4090 needs a CUDA GPU and this machine has none"),
+    (["hw.qlora=true"], "turns QLoRA on, which needs a CUDA GPU"),
+])
+def test_cuda_profiles_are_refused_before_loading_on_a_cpu_machine(pool, tmp_path, sets, message, capsys,
+                                                                   mlflow_store):
+    args = ["--hw", "4090", "--dry-run", "false", "--set", f"data.path={pool}", "--set", f"output_dir={tmp_path}"]
+    assert sft.main(args + [x for s in sets for x in ("--set", s)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_pool_is_named(tmp_path, capsys, mlflow_store):
+    assert sft.main(["--hw", "cpu", "--dry-run", "false", "--set", f"data.path={tmp_path / 'nowhere'}"]) == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "make prepare" in err
+
+
+def test_the_dry_run_names_the_data_and_the_registered_model(capsys):
+    assert sft.main(["--hw", "4090"]) == 0
+    page = capsys.readouterr().out
+    assert "outputs/data/default/{sft.jsonl,sft_eval.jsonl,manifest.json}" in page and "zh-align-sft@candidate" in page
+    assert "assistant tokens only" in page
+
+
+def test_ddp_on_two_cpu_processes_logs_one_run_from_rank_0(pool, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.config import ROOT
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "ddp"}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    args = ["--hw", "cpu", "--dry-run", "false", "--accel", "ddp", "--set", f"data.path={pool}",
+            "--set", f"output_dir={tmp_path / 'out'}", "--set", "train.max_steps=2", "--set", "register.name=zh-align-ddp",
+            *(x for s in FAST for x in ("--set", s))]
+    done = subprocess.run([sys.executable, "-m", "pipeline.sft", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["train.world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2]  # once, from rank 0
+    assert str(client.get_model_version_by_alias("zh-align-ddp", "candidate").version) == "1"
+
+
+def test_a_prepare_run_id_finds_its_pool_and_a_wrong_one_is_named(pool, monkeypatch):
+    from pipeline import tracking
+    from pipeline.cli import StageError
+
+    uri = f"sqlite:///{pool.parent / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    prepared = next(r for r in runs if r.data.tags.get("stage") == "prepare")
+    assert tracking.prepared_folder(prepared.info.run_id).resolve() == pool.resolve()
+    with pytest.raises(StageError, match="`data.run_id` '0{32}' is not a run"):
+        tracking.prepared_folder("0" * 32)
