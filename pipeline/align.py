@@ -1,15 +1,21 @@
 """align: ORPO or DPO (`loss: orpo | dpo`) from the SFT adapter, with the R-DPO length penalty and the zh share.
 
-Built by the align issue; for now its dry run shows the plan and a real run exits 2.
+One stage for both losses: the trainer is picked in :func:`pipeline.preference.trainer_classes`; everything else —
+the pool in the sampler's order (``mix.pref.zh_share``), trainer arguments from the profile, metrics, resume, the
+registry — is the sft stage's shared code (:mod:`pipeline.train`). The policy continues the SFT adapter's LoRA
+weights; DPO's reference is the frozen SFT policy, ORPO has none.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from pipeline import cli
 from pipeline.config import Resolved
-from pipeline.plan import Item, Plan, base_model_input, data_input, dir_output, model_ref_input, registry_output
+from pipeline.plan import Item, Plan, base_model_input, data_input, dir_output, model_ref_input, registry_output, repo_path
 
 STAGE = "align"
 
@@ -24,7 +30,10 @@ def plan(r: Resolved) -> Plan:
         start = model_ref_input("start point (SFT adapter)", cfg.start_from, "sft", r)
     reference = "none (ORPO)" if cfg.reference == "none" else "the frozen SFT policy"
     return Plan(r, facts=[
-        ("loss", f"{cfg.loss}, beta {cfg.beta}, length penalty alpha {cfg.length_penalty}, reference: {reference}"),
+        ("loss", f"{cfg.loss}, beta {cfg.beta}, length penalty alpha {cfg.length_penalty} (R-DPO: the margin minus "
+                 f"alpha·(|y_w| − |y_l|) tokens), reference: {reference}"),
+        ("data mix", f"preference pairs in the sampler's order, zh share of tokens >= {_pref_share(r)}; OASST1's zh "
+                     f"trees give the only Chinese pairs, the shortfall action is logged"),
         ("schedule", f"{t.epochs} epochs, lr {t.lr}, {t.scheduler}, warmup {t.warmup_ratio}, "
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
         ("log backend", f"MLflow + {cfg.log_backend}" if cfg.log_backend != "none" else "MLflow"),
@@ -32,8 +41,89 @@ def plan(r: Resolved) -> Plan:
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)])
 
 
-def run(r: Resolved):
-    raise cli.NotImplementedStage(STAGE)
+def _pref_share(r: Resolved) -> str:
+    """The zh share the pool's manifest holds, or (before prepare ran) what prepare's config will write."""
+    import json
+
+    from pipeline.config import resolve
+
+    manifest = repo_path(r.cfg.data.path or "") / "manifest.json"
+    if r.cfg.data.path and manifest.exists():
+        return f"{json.loads(manifest.read_text(encoding='utf-8'))['mix']['pref']['zh_share']} (pool manifest)"
+    return f"{resolve('prepare', hw=r.hw.name).cfg.mix.pref.zh_share} (prepare config)"
+
+
+@dataclass
+class AlignResult:
+    output_dir: str
+    adapter: str
+    steps: int
+    final_loss: float | None
+    start: str
+    registered: str | None
+
+    def __str__(self) -> str:
+        return (f"{self.steps} steps from {self.start}, final loss {self.final_loss}, adapter {self.adapter} → "
+                f"{self.registered}")
+
+
+def same_base(recorded: str, r: Resolved) -> bool:
+    """Whether an adapter's recorded base is this run's: the hub id, the model name, or a tiny model's cache folder."""
+    name = Path(recorded).name
+    return recorded in (r.model.hub_id, r.model.name) or name == r.model.name or name.startswith(f"{r.model.name}-")
+
+
+def run(r: Resolved) -> AlignResult:
+    from pipeline import models, tracking, train
+
+    cfg = r.cfg
+    models.check_device(r.hw)
+    start = tracking.find_adapter(cfg.start_from, stage="sft", model=r.model.name, hw=r.hw.name)
+    recorded = start["tags"].get("base_model", "")
+    if not same_base(recorded, r):
+        raise cli.StageError(f"start point {start['source']} was trained on base {recorded!r}, but this run's base is "
+                             f"{r.model.hub_id or r.model.name}; set `start_from` to an adapter of the same base, "
+                             f"or `model` to its base")
+    pool = train.load_pool(cfg.data, "pref", r)
+    out = repo_path(cfg.output_dir)
+    tags = {**train.data_tags(pool), "start_from": start["source"], "start_from.run_id": start["run_id"] or "",
+            "start_from.version": start["version"] or "", "loss": cfg.loss}
+    with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+        rows, report = train.order(pool, cfg.train.epochs)
+        train.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
+                       shortfall=(report["shortfall"] or {}).get("action", "none"))
+        done = train.fit(r, STAGE, lambda: _trainer(r, pool, rows, out, start["folder"]), out, tags)
+    return AlignResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, start["source"], done.registered)
+
+
+def _trainer(r: Resolved, pool: Any, rows: list[int], out: Path, adapter: Path) -> tuple[Any, Any]:
+    from datasets import Dataset
+    from transformers import set_seed
+
+    from pipeline import models, preference, train
+
+    cfg, hw = r.cfg, r.hw
+    set_seed(cfg.train.seed)
+    model, tokenizer = models.load_for_training(r.model, hw, None, cfg.qlora, adapter=str(adapter))
+    data = Dataset.from_list([_pair(pool.train[i], cfg.loss, tokenizer, r.model.system_prompt) for i in rows])
+    held = Dataset.from_list([_pair(x, cfg.loss, tokenizer, r.model.system_prompt) for x in pool.eval]) \
+        if pool.eval else None
+    config_cls, trainer_cls = preference.trainer_classes(cfg.loss, cfg.length_penalty)
+    extra = {"precompute_ref_log_probs": True, "loss_type": ["sigmoid"]} if cfg.loss == "dpo" else {}
+    trainer = train.build_trainer(trainer_cls, config_cls, r, model, tokenizer, data, held, out, beta=cfg.beta, **extra)
+    return trainer, tokenizer
+
+
+def _pair(row: dict[str, Any], loss: str, tokenizer: Any, system: str) -> dict[str, Any]:
+    """A preference row as the trainer wants it. ORPO gets the prompt rendered through the chat template and the
+    answers as plain strings: given messages, it would train on `answer<|im_end|>\n<|im_end|>` (a double end)."""
+    from pipeline.data.clean import with_system
+
+    prompt = with_system(row["prompt"], system)
+    if loss == "orpo":
+        return {"prompt": tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                "chosen": row["chosen"][0]["content"], "rejected": row["rejected"][0]["content"]}
+    return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
 def main(argv: list[str] | None = None) -> int:

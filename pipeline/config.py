@@ -198,6 +198,7 @@ class AlignConfig:
     beta: float = 0.2
     length_penalty: float = 0.02
     reference: Literal["none", "sft_policy"] = "none"
+    qlora: QloraConfig = field(default_factory=QloraConfig)
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
     log_backend: LogBackend = "none"
     register: RegisterConfig = field(default_factory=RegisterConfig)

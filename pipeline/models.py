@@ -162,7 +162,7 @@ def check_device(hw: HardwareProfile) -> None:
                          f"SET=\"hw.precision=fp16\" (or fp32)")
 
 
-def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig, qlora: QloraConfig,
+def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig | None, qlora: QloraConfig,
                       adapter: str | None = None):
     """(PEFT model with a trainable LoRA, tokenizer). QLoRA loads the base in 4 bit (NF4, double quant, bf16
     compute) and leaves the other weights in the compute dtype — PEFT's prepare_model_for_kbit_training would upcast
@@ -187,6 +187,8 @@ def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig, ql
         base.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
     if adapter:
         peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        for config in peft_model.peft_config.values():  # a registered adapter names its base portably: point it here
+            config.base_model_name_or_path = path
     else:
         peft_model = get_peft_model(base, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                    target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))

@@ -7,8 +7,6 @@ has none; precision, batch, max_length, checkpointing, QLoRA and Liger from the 
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -61,40 +59,17 @@ def run(r: Resolved) -> SftResult:
     models.check_device(r.hw)
     pool = train.load_pool(cfg.data, "sft", r)
     out = repo_path(cfg.output_dir)
-    licence = pool.manifest.get("licence", {})
-    tags = {"data.run_id": pool.run_id or "", "data.sha256": pool.digest,
-            "licence.noncommercial": str(bool(licence.get("noncommercial"))).lower(),
-            "licence.noncommercial_sources": ",".join(licence.get("sources", [])) or "none"}
+    tags = train.data_tags(pool)
     with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
         rows, report = train.order(pool, cfg.train.epochs)
-        tracking.log_params({"folder": str(pool.folder), "run_id": pool.run_id or "", "sha256": pool.digest,
-                             "pool_rows": len(pool.train), "over_max_length": pool.over_length,
-                             "ordered_rows": len(rows), "zh_share": report["zh_share"]}, prefix="data.")
-        tracking.log_params({"world_size": int(os.environ.get("WORLD_SIZE", "1"))}, prefix="train.")
-        tracking.log_dict(report, "data/sampler_report.json")
-        with train.oom_guard(r):
-            trainer, tokenizer = _trainer(r, pool, rows, out)
-            trainer.train(resume_from_checkpoint=train.last_checkpoint(out, cfg.train.resume))
-            adapter = out / "adapter"
-            trainer.save_model(str(adapter))
-            tokenizer.save_pretrained(str(adapter))
-            final = _final_loss(trainer.state.log_history)
-            if not trainer.is_world_process_zero():
-                return SftResult(cfg.output_dir, str(adapter), trainer.state.global_step, final, None)
-            tracking.log_table(train.generations(trainer.model, tokenizer, r.model.system_prompt), "generations.json")
-        base, revision = models.base_model_path(r.model)
-        reg = tracking.log_adapter_model(
-            adapter, registered_name=cfg.register.name, alias=cfg.register.alias,
-            base_model=r.model.hub_id or base, revision=revision, system_prompt=r.model.system_prompt,
-            tags={**tags, "base_model": r.model.hub_id or r.model.name, "base_revision": r.model.revision or "",
-                  "hw": r.hw.name, "stage": STAGE, "git.sha": tracking.git_state().get("git.sha", ""),
-                  "final_loss": "" if final is None else f"{final:.4f}"})
-    return SftResult(cfg.output_dir, str(adapter), trainer.state.global_step, final, reg["uri"])
+        train.log_data(pool, rows, report)
+        done = train.fit(r, STAGE, lambda: _trainer(r, pool, rows, out), out, tags)
+    return SftResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, done.registered)
 
 
 def _trainer(r: Resolved, pool: Any, rows: list[int], out) -> tuple[Any, Any]:
     from datasets import Dataset
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from pipeline import models, train
@@ -104,23 +79,11 @@ def _trainer(r: Resolved, pool: Any, rows: list[int], out) -> tuple[Any, Any]:
     system = r.model.system_prompt
     data = Dataset.from_list([{"messages": with_system(pool.train[i]["messages"], system)} for i in rows])
     held = Dataset.from_list([{"messages": with_system(x["messages"], system)} for x in pool.eval]) if pool.eval else None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = max(1, math.ceil(len(data) / (hw.micro_batch * hw.grad_accum * world)))
-    args = train.trainer_args(SFTConfig, hw, cfg.train, out, has_eval=held is not None, steps=steps,
-                              log_backend=cfg.log_backend, assistant_only_loss=True, packing=cfg.train.packing)
     set_seed(cfg.train.seed)  # the LoRA init draws from the RNG: the same seed gives the same starting adapter
     model, tokenizer = models.load_for_training(r.model, hw, cfg.lora, cfg.qlora)
-    callbacks = [train.metrics_callback(cfg.train.epochs)]
-    if cfg.train.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    trainer = train.in_order(SFTTrainer)(model=model, args=args, train_dataset=data, eval_dataset=held,
-                                         processing_class=tokenizer, callbacks=callbacks)
+    trainer = train.build_trainer(SFTTrainer, SFTConfig, r, model, tokenizer, data, held, out,
+                                  assistant_only_loss=True, packing=cfg.train.packing)
     return trainer, tokenizer
-
-
-def _final_loss(history: list[dict[str, Any]]) -> float | None:
-    losses = [h["loss"] for h in history if "loss" in h]
-    return float(losses[-1]) if losses else None
 
 
 def main(argv: list[str] | None = None) -> int:

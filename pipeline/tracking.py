@@ -330,7 +330,8 @@ def log_adapter_model(adapter_dir: str | Path, *, registered_name: str, alias: s
             pip_requirements=adapter_requirements())
     version = int(info.registered_model_version)
     set_model_version_tags(registered_name, version,
-                           {**(tags or {}), "base_model": base_model, "revision": revision or "none"})
+                           {"base_model": portable_base_name(str(base_model)), "revision": revision or "none",
+                            **(tags or {})})
     MlflowClient().set_registered_model_alias(registered_name, alias, version)
     log.info("registered %s version %s as @%s", registered_name, version, alias)
     return {"name": registered_name, "version": version, "uri": f"models:/{registered_name}@{alias}",
@@ -346,3 +347,75 @@ def set_model_version_tags(name: str, version: str | int, tags: Mapping[str, Any
     for key, value in tags.items():
         text = REDACTED if is_secret(str(key)) else str(value)
         client.set_model_version_tag(name, str(version), str(key), text[:MAX_VALUE])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding a trained adapter: the start point of a later stage
+# ----------------------------------------------------------------------------------------------------------------
+def find_adapter(ref: str | None, *, stage: str, model: str, hw: str) -> dict[str, Any]:
+    """A registered adapter as {folder, source, run_id, version, tags}. `ref`: a run id, `name@alias`, `name/version`
+    or a local adapter folder; None = the newest FINISHED `stage` run of the experiment with the same base model and
+    hardware profile. The caller checks the base model against the tags (`model` for runs found by default)."""
+    import mlflow
+
+    from pipeline.cli import StageError
+
+    if ref and Path(ref).is_dir():
+        return _local_adapter(Path(ref))
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    try:
+        version = _version(client, ref, stage=stage, model=model, hw=hw)
+    except mlflow.exceptions.MlflowException as err:
+        raise StageError(f"start point {ref!r} is not a run, `name@alias` or `name/version` in {tracking_uri()}, "
+                         f"nor an adapter folder; check `start_from`") from err
+    folder = Path(mlflow.artifacts.download_artifacts(version.source))
+    return {**_local_adapter(_adapter_dir(folder)), "source": f"models:/{version.name}/{version.version}",
+            "run_id": version.run_id, "version": str(version.version), "tags": dict(version.tags)}
+
+
+def _version(client: Any, ref: str | None, *, stage: str, model: str, hw: str) -> Any:
+    from pipeline.cli import StageError
+
+    if ref and "@" in ref:
+        return client.get_model_version_by_alias(*ref.split("@", 1))
+    if ref and "/" in ref:
+        return client.get_model_version(*ref.split("/", 1))
+    run_id = ref or _latest_run(client, stage=stage, model=model, hw=hw)
+    versions = client.search_model_versions(f"run_id = '{run_id}'")
+    if not versions:
+        client.get_run(run_id)  # an unknown id raises here, with MLflow's own message
+        raise StageError(f"run {run_id} registered no adapter; give a registered `name@alias` or a folder")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _latest_run(client: Any, *, stage: str, model: str, hw: str) -> str:
+    from pipeline.cli import StageError
+
+    experiment = client.get_experiment_by_name(experiment_name())
+    runs = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.stage = '{stage}' and tags.model = '{model}' and tags.hw = '{hw}' "
+                                            f"and attributes.status = 'FINISHED'") if experiment else []
+    if not runs:
+        raise StageError(f"no FINISHED {stage} run with base {model} and profile {hw} in experiment "
+                         f"{experiment_name()}; run `make {stage} HW={hw} DRY_RUN=0` first or set `start_from`")
+    return runs[0].info.run_id
+
+
+def _adapter_dir(folder: Path) -> Path:
+    found = sorted(p.parent for p in folder.rglob("adapter_config.json"))
+    if not found:
+        from pipeline.cli import StageError
+
+        raise StageError(f"{folder} holds no adapter_config.json")
+    return found[0]
+
+
+def _local_adapter(folder: Path) -> dict[str, Any]:
+    from pipeline.cli import StageError
+
+    config = folder / "adapter_config.json"
+    if not config.exists():
+        raise StageError(f"start point {folder} holds no adapter_config.json; give an adapter folder")
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+    return {"folder": folder, "source": str(folder), "run_id": None, "version": None, "tags": {"base_model": base}}

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,6 +113,70 @@ def order(pool: Pool, epochs: float) -> tuple[list[int], dict[str, Any]]:
         raise StageError(str(err)) from err
 
 
+def data_tags(pool: Pool) -> dict[str, str]:
+    """Lineage and licence tags of a run that trains on `pool` (the run's tags and its registered version's)."""
+    licence = pool.manifest.get("licence", {})
+    return {"data.run_id": pool.run_id or "", "data.sha256": pool.digest,
+            "licence.noncommercial": str(bool(licence.get("noncommercial"))).lower(),
+            "licence.noncommercial_sources": ",".join(licence.get("sources", [])) or "none"}
+
+
+def version_tags(r: Resolved, stage: str, final_loss: float | None) -> dict[str, str]:
+    """What a registered adapter says about how it was made, beside its data tags."""
+    from pipeline import tracking
+
+    return {"base_model": r.model.hub_id or r.model.name, "base_revision": r.model.revision or "", "hw": r.hw.name,
+            "stage": stage, "git.sha": tracking.git_state().get("git.sha", ""),
+            "final_loss": "" if final_loss is None else f"{final_loss:.4f}"}
+
+
+def log_data(pool: Pool, rows: list[int], report: dict[str, Any], **extra: Any) -> None:
+    """The data a run trains on, as params (data.*, train.world_size) and the sampler's report as an artifact."""
+    from pipeline import tracking
+
+    tracking.log_params({"folder": str(pool.folder), "run_id": pool.run_id or "", "sha256": pool.digest,
+                         "pool_rows": len(pool.train), "over_max_length": pool.over_length, "ordered_rows": len(rows),
+                         "zh_share": report["zh_share"], **extra}, prefix="data.")
+    tracking.log_params({"world_size": int(os.environ.get("WORLD_SIZE", "1"))}, prefix="train.")
+    tracking.log_dict(report, "data/sampler_report.json")
+
+
+@dataclass
+class Fitted:
+    adapter: Path
+    steps: int
+    final_loss: float | None
+    registered: str | None      # models:/NAME@alias (None on ranks other than 0)
+
+
+def fit(r: Resolved, stage: str, build: Any, out: Path, tags: dict[str, str]) -> Fitted:
+    """Build the trainer, train (resuming if asked), save the adapter with its tokenizer, then on rank 0 log the
+    generations table and register the adapter with its lineage tags. Out of memory anywhere → the profile hint."""
+    from pipeline import models, tracking
+
+    with oom_guard(r):
+        trainer, tokenizer = build()
+        trainer.train(resume_from_checkpoint=last_checkpoint(out, r.cfg.train.resume))
+        adapter = out / "adapter"
+        trainer.save_model(str(adapter))
+        tokenizer.save_pretrained(str(adapter))
+        final = final_loss(trainer.state.log_history)
+        if not trainer.is_world_process_zero():
+            return Fitted(adapter, trainer.state.global_step, final, None)
+        tracking.log_table(generations(trainer.model, tokenizer, r.model.system_prompt), "generations.json")
+    base, revision = models.base_model_path(r.model)
+    reg = tracking.log_adapter_model(adapter, registered_name=r.cfg.register.name, alias=r.cfg.register.alias,
+                                     base_model=r.model.hub_id or base, revision=revision,
+                                     system_prompt=r.model.system_prompt,
+                                     tags={**tags, **version_tags(r, stage, final)})
+    return Fitted(adapter, trainer.state.global_step, final, reg["uri"])
+
+
+def final_loss(history: list[dict[str, Any]]) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return float(losses[-1]) if losses else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer arguments and the sequential sampler
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +228,26 @@ def oom_guard(r: Resolved) -> Iterator[None]:
         raise StageError(oom_hint(r)) from err
 
 
+def build_trainer(trainer_cls: type, config_cls: type, r: Resolved, model: Any, tokenizer: Any, data: Any,
+                  held: Any, out: Path, **extra: Any) -> Any:
+    """A TRL trainer reading `data` in order, with the profile's arguments (one pass = the sampler's epochs),
+    our metrics callback and, when configured, early stopping on eval_loss."""
+    import math
+
+    from transformers import EarlyStoppingCallback
+
+    cfg, hw = r.cfg, r.hw
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = max(1, math.ceil(len(data) / (hw.micro_batch * hw.grad_accum * world)))
+    args = trainer_args(config_cls, hw, cfg.train, out, has_eval=held is not None, steps=steps,
+                        log_backend=cfg.log_backend, **extra)
+    callbacks = [metrics_callback(cfg.train.epochs)]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    return in_order(trainer_cls)(model=model, args=args, train_dataset=data, eval_dataset=held,
+                                 processing_class=tokenizer, callbacks=callbacks)
+
+
 def in_order(trainer_cls: type) -> type:
     """The trainer class reading its dataset front to back: the order is the sampler's, already shuffled per epoch."""
     from torch.utils.data import SequentialSampler
@@ -202,6 +287,9 @@ def oom_hint(r: Resolved) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics into MLflow
 # ----------------------------------------------------------------------------------------------------------------
+LOSS_TERMS = ("rewards/", "logps/", "nll_loss", "log_odds", "length_penalty")  # the preference trainers' own terms
+
+
 def metrics_callback(epochs: float):
     """One callback of ours (the HF MLflow callback renames and ends runs): every logging step on rank 0 logs loss,
     grad_norm, learning_rate, tokens_per_second (non-padding tokens over the interval's wall time), epoch (in the
@@ -221,6 +309,8 @@ def metrics_callback(epochs: float):
             if not state.is_world_process_zero or not logs or not tracking.has_run():
                 return
             m = {k: float(logs[k]) for k in ("loss", "grad_norm", "learning_rate", "eval_loss") if k in logs}
+            m.update({k: float(v) for k, v in logs.items()
+                      if k.removeprefix("eval_").startswith(LOSS_TERMS) and isinstance(v, (int, float))})
             if "loss" in logs:
                 now, tokens = time.perf_counter(), state.num_input_tokens_seen
                 if tokens > self.tokens and now > self.clock:

@@ -63,7 +63,7 @@ def test_the_adapter_is_registered_aliased_and_generates(mlflow_store, adapter):
     client = MlflowClient()
     assert (info["name"], info["version"], info["uri"]) == (NAME, 1, f"models:/{NAME}@{ALIAS}")
     v1 = client.get_model_version(NAME, "1")
-    assert v1.tags["stage"] == "sft" and v1.tags["base_model"] == str(base_dir) and v1.tags["revision"] == "none"
+    assert v1.tags["stage"] == "sft" and v1.tags["base_model"] == base_dir.name and v1.tags["revision"] == "none"
     assert v1.tags["run_id"] == v1.run_id
     assert int(client.get_model_version_by_alias(NAME, ALIAS).version) == 1
     assert (adapter_dir / "adapter_config.json").read_text(encoding="utf-8") == original  # caller's folder untouched

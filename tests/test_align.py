@@ -1,0 +1,118 @@
+"""The align stage on the tiny model (CPU, offline): the R-DPO length penalty against a hand computation, DPO starts
+at ln 2 and its margin grows, ORPO's single end token, the start-point lookup, and both losses registered."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline import align, preference, prepare, sft, train
+from pipeline.cli import StageError
+from pipeline.config import parse_overrides, resolve
+
+FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.eval_steps=100", "train.save_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A prepared pool and a finished sft run with its registered adapter, in this module's own MLflow store."""
+    tmp = tmp_path_factory.mktemp("align")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", "align-test")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
+    r = resolve("sft", hw="cpu", overrides=parse_overrides([f"data.path={tmp / 'data'}", f"output_dir={tmp / 'sft'}",
+                                                              "train.max_steps=2", *FAST]))
+    done = sft.run(r)
+    yield {"tmp": tmp, "pool": tmp / "data", "adapter": Path(done.adapter)}
+    mp.undo()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+def resolved(world, loss: str, *sets: str):
+    return resolve("align", hw="cpu", loss=loss, overrides=parse_overrides(
+        [f"data.path={world['pool']}", f"output_dir={world['tmp'] / loss}", *FAST, *sets]))
+
+
+def test_the_rdpo_length_penalty_matches_a_hand_computation():
+    # beta 0.2, alpha 0.02: margin 0.2 * ((-10 + 11) - (-12 + 11)) = 0.4; |y_w| - |y_l| = 20 tokens -> 0.4 - 0.4 = 0
+    loss = preference.rdpo_loss(0.2, 0.02, torch.tensor(-10.0), torch.tensor(-12.0), torch.tensor(-11.0),
+                                torch.tensor(-11.0), torch.tensor(30.0), torch.tensor(10.0))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    without = preference.rdpo_loss(0.2, 0.0, torch.tensor(-10.0), torch.tensor(-12.0), torch.tensor(-11.0),
+                                   torch.tensor(-11.0), torch.tensor(30.0), torch.tensor(10.0))
+    assert without.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.4))), abs=1e-6)  # alpha 0: plain DPO
+    # what the DPO trainer does: shift the reference log-probs by alpha / beta * |y|, then TRL's own margin
+    shifted = 0.2 * ((-10.0 - (-11.0 + 0.02 / 0.2 * 30)) - (-12.0 - (-11.0 + 0.02 / 0.2 * 10)))
+    assert shifted == pytest.approx(0.0, abs=1e-9)
+    # ORPO: log sigma(log-odds ratio - alpha * 20) with a log-odds ratio of 0.4 -> log sigma(0) = -ln 2
+    assert preference.orpo_ratio(torch.tensor(0.4), 0.02, torch.tensor(30.0), torch.tensor(10.0)).item() == \
+        pytest.approx(-math.log(2), abs=1e-6)
+
+
+def test_dpo_starts_at_ln2_without_the_penalty_and_its_margin_grows(world):
+    r = resolved(world, "dpo", "length_penalty=0.0", "train.max_steps=8", "train.lr=5e-3", "train.warmup_ratio=0.0",
+                 f"start_from={world['adapter']}")
+    p = train.load_pool(r.cfg.data, "pref", r)
+    trainer, _ = align._trainer(r, p, [0, 1, 2, 3] * 8, world["tmp"] / "dpo-ln2", world["adapter"])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its own reference
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.05
+
+
+def test_orpo_labels_end_with_a_single_end_token(world):
+    r = resolved(world, "orpo", f"start_from={world['adapter']}")
+    p = train.load_pool(r.cfg.data, "pref", r)
+    trainer, tok = align._trainer(r, p, [0, 1], world["tmp"] / "orpo-labels", world["adapter"])
+    batch = next(iter(trainer.get_train_dataloader()))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for key in ("chosen_labels", "rejected_labels"):
+        for labels in batch[key]:
+            learned = labels[labels != -100].tolist()
+            assert learned.count(end) == 1 and learned[-1] == end, tok.decode(learned)
+
+
+def test_a_start_point_of_another_base_is_refused_naming_both(world, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}))
+    with pytest.raises(StageError, match=r"trained on base 'Qwen/Qwen2.5-7B-Instruct', but this run's base is tiny-qwen2"):
+        align.run(resolved(world, "dpo", f"start_from={foreign}"))
+    with pytest.raises(StageError, match="not a run, `name@alias` or `name/version`"):
+        align.run(resolved(world, "dpo", "start_from=no-such-model@candidate"))
+
+
+@pytest.mark.parametrize("loss", ["orpo", "dpo"])
+def test_both_losses_start_from_the_latest_sft_run_and_register_a_version_that_generates(world, loss):
+    result = align.run(resolved(world, loss, "train.max_steps=3"))  # start_from null: the latest sft run
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias(f"zh-align-{loss}", "candidate")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["loss"] == loss
+    assert version.tags["start_from"].startswith("models:/zh-align-sft/") and version.tags["start_from.run_id"]
+    assert result.start == version.tags["start_from"]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "length_penalty", "tokens_per_second"):
+        assert key in run.data.metrics, key
+    if loss == "orpo":
+        assert "nll_loss" in run.data.metrics and "log_odds_ratio" in run.data.metrics
+    pairs = [json.loads(line) for line in (world["pool"] / "pref.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert run.data.params["data.zh_pairs"] == str(sum(p["lang"] == "zh" for p in pairs)) != "0"
+    out = mlflow.pyfunc.load_model(f"models:/zh-align-{loss}@candidate").predict(["你好"])
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_the_dry_run_shows_start_point_loss_and_mix(capsys):
+    assert align.main(["--hw", "4090", "--loss", "dpo"]) == 0
+    page = capsys.readouterr().out
+    assert "latest FINISHED sft run with base qwen2.5-7b-instruct and profile 4090" in page
+    assert "length penalty alpha 0.02" in page and "alpha·(|y_w| − |y_l|)" in page
+    assert "zh share of tokens >=" in page
