@@ -70,7 +70,7 @@ data: prepare ## alias of prepare
 bench-data: $(STAMP) ## time the cleaning path on ROWS synthetic zh/en rows against a naive loop (speed, peak RSS)
 	$(PY) -m pipeline.data.bench --rows $(ROWS)
 
-gpu-smoke: $(STAMP) ## on a CUDA GPU: sft for a few steps in bf16, QLoRA and Liger + a forced OOM; JSON in outputs/gpu-smoke
+gpu-smoke: $(STAMP) ## on a CUDA GPU: sft in bf16 / QLoRA / Liger, DPO and ORPO-QLoRA from it, a forced OOM; JSON in outputs/gpu-smoke
 	$(PY) -m pipeline.gpu_smoke --out outputs/gpu-smoke
 
 sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft (ACCEL=ddp: all GPUs)

@@ -2,13 +2,14 @@
 
 ``python -m pipeline.gpu_smoke --out DIR`` builds an offline random Qwen2 bigger than the test model (hidden 1024,
 8 layers, 16/4 heads, ffn 2816; the tiny tokenizer), prepares the smoke pool, and runs ``pipeline.sft`` on the 4090
-profile for 8 steps three times — bf16 LoRA with activation checkpointing, QLoRA (NF4), and Liger — then forces a
-CUDA out-of-memory error through ``pipeline.sft.main`` and checks the hint on stderr and the FAILED run in MLflow.
+profile for 8 steps three times — bf16 LoRA with activation checkpointing, QLoRA (NF4), and Liger — then
+``pipeline.align`` from the registered sft adapter with DPO (bf16) and ORPO (QLoRA), then forces a CUDA
+out-of-memory error through ``pipeline.sft.main`` and checks the hint on stderr and the FAILED run in MLflow.
 Each case records its wall time, the MLflow run (status, metric keys, tokens/s, peak memory), the registered model
 version and what was really applied (Liger-patched modules, 4-bit layers, checkpointing); one failing case leaves
 the others running. Results go to ``DIR/gpu_smoke.json`` and a short table to stdout; exit 0 when every check holds.
 
-``--cpu-check`` runs the same code on the cpu profile with the tiny model's shape for 2 steps (bf16 LoRA case only),
+``--cpu-check`` runs the same code on the cpu profile with the tiny model's shape for 2 steps (bf16 LoRA and DPO),
 so the script can be verified without a GPU. Nothing is written to the repository: the MLflow store, the pool, the
 model and the adapters live in a temporary folder (``--keep`` keeps it).
 """
@@ -198,16 +199,17 @@ def run_facts(run: Any, cuda: bool) -> dict[str, Any]:
             "error_tag": run.data.tags.get("error")}
 
 
-def registered(run_id: str) -> dict[str, Any] | None:
+def registered(run_id: str, name: str = REGISTERED) -> dict[str, Any] | None:
     import mlflow
 
     client = mlflow.MlflowClient()
-    versions = client.search_model_versions(f"name='{REGISTERED}' and run_id='{run_id}'")
+    versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if not versions:
         return None
     v = versions[0]
     return {"name": v.name, "version": int(v.version), "status": v.status, "tags_hw": v.tags.get("hw"),
-            "alias_points_here": client.get_model_version_by_alias(REGISTERED, "candidate").version == v.version}
+            "start_from": v.tags.get("start_from"),
+            "alias_points_here": client.get_model_version_by_alias(name, "candidate").version == v.version}
 
 
 def sft_case(s: Smoke, name: str, extra: list[str], expect: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +237,29 @@ def sft_case(s: Smoke, name: str, extra: list[str], expect: dict[str, Any]) -> d
     return {"wall_s": round(wall, 2), "train_runtime_s": runtime[-1] if runtime else None, "steps": result.steps,
             "final_loss": result.final_loss, "run": run,
             "registered": reg, "applied": seen, "checks": checks}
+
+
+def align_case(s: Smoke, loss: str, extra: list[str]) -> dict[str, Any]:
+    """One align run (``pipeline.align.run``) from the newest registered smoke sft adapter."""
+    from pipeline import align
+
+    name = f"{REGISTERED}-{loss}"
+    sets = [x for x in sft_sets(s, loss, extra) if not x.startswith("register.name=")]
+    r = resolve("align", config=CONFIGS / "smoke" / f"{loss}.yaml", hw=s.hw, loss=loss, overrides=parse_overrides(
+        [*sets, f"register.name={name}", f"start_from={REGISTERED}@candidate"]))
+    start = time.perf_counter()
+    result = align.run(r)
+    wall = time.perf_counter() - start
+    run = run_facts(latest_run(), s.cuda)
+    reg = registered(run["run_id"], name)
+    metrics = set(run["metric_keys"])
+    checks = {"finished": run["status"] == "FINISHED", "steps": result.steps == s.steps,
+              "loss_finite": result.final_loss is not None and math.isfinite(result.final_loss),
+              "metrics": not run["missing_metrics"], "registered": bool(reg and reg["alias_points_here"]),
+              "preference_metrics": {"rewards/margins", "rewards/accuracies", "length_penalty"} <= metrics,
+              "started_from_sft": result.start.startswith(f"models:/{REGISTERED}/")}
+    return {"wall_s": round(wall, 2), "steps": result.steps, "final_loss": result.final_loss, "run": run,
+            "registered": reg, "checks": checks}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,7 +345,9 @@ def cases(s: Smoke, cpu_check: bool) -> dict[str, Callable[[], dict[str, Any]]]:
         specs = {"lora_bf16": specs["lora_bf16"]}
     todo: dict[str, Callable[[], dict[str, Any]]] = {
         name: functools.partial(sft_case, s, name, base + extra, expect) for name, (extra, expect) in specs.items()}
+    todo["dpo"] = functools.partial(align_case, s, "dpo", base)  # from the newest sft adapter above
     if not cpu_check:
+        todo["orpo_qlora"] = functools.partial(align_case, s, "orpo", [*base, "hw.qlora=true"])
         todo["oom"] = functools.partial(oom_case, s)
     return todo
 
