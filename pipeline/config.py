@@ -134,6 +134,11 @@ class MixConfig:
 
 
 @dataclass
+class DecontamConfig:
+    ngram: int = 13                      # n (zh characters / en words) of a shared span that drops a row; 0 = off
+
+
+@dataclass
 class PrepareConfig:
     sources: list[SourceConfig]
     model: str = "qwen2.5-7b-instruct"
@@ -142,6 +147,7 @@ class PrepareConfig:
     eval_fraction: float = 0.02          # share of conversation trees / prompts held out as *_eval.jsonl
     num_proc: int | None = None          # worker processes for the cleaning and token maps; null = every core
     filters: FilterConfig = field(default_factory=FilterConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
     buckets: list[int] = field(default_factory=lambda: [256, 1024, 2048, 4096])
     mix: MixConfig = field(default_factory=MixConfig)
 
@@ -205,6 +211,13 @@ class AlignConfig:
 
 
 @dataclass
+class GateConfig:
+    """When the forgetting report calls a drop real (see pipeline/forgetting.py)."""
+    max_drop: float = 0.02               # accuracy a task group may lose ...
+    alpha: float = 0.05                  # ... unless the exact McNemar test says the loss is not noise (p < alpha)
+
+
+@dataclass
 class EvaluateConfig:
     model: str = "qwen2.5-7b-instruct"
     adapter: str | None = "zh-align-sft@candidate"
@@ -216,6 +229,7 @@ class EvaluateConfig:
     system_prompt: bool = False
     mirrors: dict[str, str] = field(default_factory=dict)
     compare_base: bool = True
+    gate: GateConfig = field(default_factory=GateConfig)
     output_dir: str = "outputs/eval/default"
 
 
@@ -610,6 +624,8 @@ def check_stage(stage: str, cfg: Any, src: str) -> list[str]:
                 problems.append(f"{src}: `sources.{i}.max_rows` must be at least 1 or null; got {s.max_rows}")
         if cfg.num_proc is not None and cfg.num_proc < 1:
             problems.append(f"{src}: `num_proc` must be at least 1 or null (every core); got {cfg.num_proc}")
+        if cfg.decontam.ngram < 0:
+            problems.append(f"{src}: `decontam.ngram` must be >= 0 (0 = off); got {cfg.decontam.ngram}")
         if cfg.filters.min_chars < 1:
             problems.append(f"{src}: `filters.min_chars` must be at least 1; got {cfg.filters.min_chars}")
         if cfg.mix.max_repeats < 1:

@@ -1,11 +1,21 @@
 """evaluate: lm-evaluation-harness on cmmlu / ceval-valid / hellaswag / winogrande, tuned vs base.
 
-Built by the evaluate issue; for now its dry run shows the plan and a real run exits 2.
+The model under test is the base + an adapter (run id, `name@alias`, `name/version` or folder; a QLoRA adapter is
+evaluated on the bf16 base, as export ships it) or a merged folder. Tasks with a local copy (`mirrors`, the shipped
+`zh_smoke`) run from generated task YAMLs. Results land on the eval run and on the training run the adapter came from;
+with `compare_base` the base runs too (cached), and the forgetting report gates on a paired test per task group.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from pipeline import cli
 from pipeline.config import Resolved
@@ -29,8 +39,274 @@ def plan(r: Resolved) -> Plan:
        outputs=[dir_output(cfg.output_dir, "results.json + results.csv + chart")])
 
 
-def run(r: Resolved):
-    raise cli.NotImplementedStage(STAGE)
+BASE_CACHE = ".cache/eval-base"  # or $ZH_ALIGN_EVAL_CACHE
+
+
+@dataclass
+class EvalResult:
+    output_dir: str
+    scores: dict[str, float]          # eval/<task>/<metric>
+    gate: str | None
+
+    def __str__(self) -> str:
+        return f"{len(self.scores)} scores, gate {self.gate or 'n/a'} → {self.output_dir}"
+
+
+def run(r: Resolved) -> EvalResult:
+    from pipeline import evalsets, forgetting, tracking
+
+    cfg = r.cfg
+    out = repo_path(cfg.output_dir)
+    if cfg.apply_chat_template:
+        _check_template(r)
+    target = _target(r)
+    with tempfile.TemporaryDirectory(prefix="zh-align-tasks-") as tmp:
+        mirrors = {**cfg.mirrors, **({"zh_smoke": str(evalsets.ZH_SMOKE)} if "zh_smoke" in cfg.tasks else {})}
+        for task, folder in mirrors.items():
+            _checked(evalsets.check_mirror, task, str(repo_path(folder)))
+        mirrored = evalsets.write_task_yamls({t: str(repo_path(f)) for t, f in mirrors.items()}, Path(tmp))
+        tasks = [t for t in cfg.tasks if t not in mirrors] + mirrored
+        manager = _task_manager(tmp)
+        _checked(evalsets.check_tasks, tasks, manager, mirrored)
+        key = _cache_key(r, tmp)
+        tags = {"eval.target": target["source"], "eval.target_run_id": target["run_id"] or ""}
+        with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+            tuned = _lm_eval(r, tasks, manager, target["folder"], target["merged"])
+            tested = target["folder"] or target["merged"]
+            base = _base(r, tasks, manager, key) if cfg.compare_base and tested else None
+            out.mkdir(parents=True, exist_ok=True)
+            scores = _scores(tuned)
+            rows = _csv_rows(tuned, r, target["source"])
+            files = _write(out, tuned, rows)
+            tracking.log_metrics({f"eval/{k}": v for k, v in scores.items()})
+            if rows:
+                tracking.log_table({k: [row[k] for row in rows] for k in rows[0]}, "results_table.json")
+            verdict, extra = None, {}
+            if base:
+                deltas = {k: v - _scores(base).get(k, float("nan")) for k, v in scores.items() if k in _scores(base)}
+                tracking.log_metrics({f"delta/{k}": v for k, v in deltas.items()})
+                pairs = [forgetting.paired(g, _items(base, subs), _items(tuned, subs))
+                         for g, subs in _groups(tuned).items()]
+                verdict, rule, failed = forgetting.gate(pairs, cfg.gate.max_drop, cfg.gate.alpha)
+                files.append(_chart(out, pairs))
+                (out / "forgetting.json").write_text(json.dumps({"gate": verdict, "rule": rule, "failed": failed,
+                                                                 "groups": [p.__dict__ | {"delta": p.delta} for p in pairs]},
+                                                                ensure_ascii=False, indent=2), encoding="utf-8")
+                files.append(out / "forgetting.json")
+                extra = {"eval.gate": verdict, "eval.gate_rule": rule, "eval.gate_failed": ",".join(failed) or "none",
+                         "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0):.4f}"}
+                tracking.set_tags(extra)
+            tracking.log_artifacts(files, "eval")
+            _write_back(target, scores, extra, files)
+    return EvalResult(cfg.output_dir, scores, verdict)
+
+
+def _checked(fn: Any, *args: Any) -> None:
+    """A config-level problem found by lm-eval's side (unknown task, bad mirror) → a clean error, nothing written."""
+    from pipeline.config import ConfigError
+
+    try:
+        fn(*args)
+    except ValueError as err:
+        raise ConfigError([str(err)]) from err
+
+
+def _check_template(r: Resolved) -> None:
+    from pipeline.config import ConfigError
+    from pipeline.models import load_tokenizer
+
+    if not getattr(load_tokenizer(r.model), "chat_template", None):
+        raise ConfigError([f"{r.config_path}: `apply_chat_template` is true but the tokenizer of {r.model.ref} has no "
+                           f"chat template; set `apply_chat_template: false`"])
+
+
+def _task_manager(include: str) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include)
+
+
+def _target(r: Resolved) -> dict[str, Any]:
+    """What is under test: {folder (adapter) or None (the base alone), source, run_id, version, name}."""
+    from pipeline import tracking
+
+    ref = r.cfg.adapter
+    none = {"folder": None, "merged": None, "run_id": None, "version": None, "name": None}
+    if not ref:
+        return {**none, "source": "base"}
+    folder = repo_path(ref)
+    if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+        return {**none, "merged": folder, "source": str(folder)}  # a merged model: evaluated as it is
+    found = tracking.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name)
+    source = found["source"]
+    name = source.removeprefix("models:/").split("/")[0] if source.startswith("models:/") else None
+    return {**found, "merged": None, "name": name}
+
+
+def _model_args(r: Resolved, adapter: Path | None, merged: Path | None = None) -> dict[str, Any]:
+    from pipeline.models import DTYPES, base_model_path
+
+    path, revision = (str(merged), None) if merged else base_model_path(r.model)
+    dtype = DTYPES["bf16" if r.hw.qlora else r.hw.precision]  # a QLoRA adapter is judged on the bf16 base
+    args: dict[str, Any] = {"pretrained": path, "dtype": dtype}
+    if revision:
+        args["revision"] = revision
+    if adapter:
+        args["peft"] = str(adapter)
+    return args
+
+
+def _lm_eval(r: Resolved, tasks: list[str], manager: Any, adapter: Path | None,
+             merged: Path | None = None) -> dict[str, Any]:
+    import lm_eval
+
+    cfg = r.cfg
+    batch = int(cfg.batch_size) if str(cfg.batch_size).isdigit() else cfg.batch_size
+    return lm_eval.simple_evaluate(
+        model="hf", model_args=_model_args(r, adapter, merged), tasks=tasks, task_manager=manager,
+        num_fewshot=cfg.num_fewshot, limit=cfg.limit, batch_size=batch, device="cuda" if r.hw.device == "cuda" else "cpu",
+        log_samples=True, apply_chat_template=cfg.apply_chat_template,
+        system_instruction=r.model.system_prompt if cfg.system_prompt else None)
+
+
+def _cache_key(r: Resolved, tasks_dir: str) -> str:
+    """Everything that changes a base score: base + revision, lm-eval version, task YAMLs, few-shot, chat template,
+    system prompt, dtype, limit, tasks."""
+    from importlib import metadata
+
+    cfg = r.cfg
+    yamls = {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tasks_dir).rglob("*.yaml"))}
+    key = {"base": _model_args(r, None), "lm_eval": metadata.version("lm_eval"), "yamls": yamls, "tasks": cfg.tasks,
+           "fewshot": cfg.num_fewshot, "chat": cfg.apply_chat_template,
+           "system": r.model.system_prompt if cfg.system_prompt else None, "limit": cfg.limit}
+    if r.model.tiny is not None:  # the tiny base's folder name carries the hash of everything that builds it
+        key["base"] = {**key["base"], "pretrained": Path(key["base"]["pretrained"]).name}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _base(r: Resolved, tasks: list[str], manager: Any, key: str) -> dict[str, Any]:
+    import logging
+    import os
+
+    cache = Path(os.environ.get("ZH_ALIGN_EVAL_CACHE") or repo_path(BASE_CACHE)) / f"{r.model.name}-{key}.json"
+    if cache.exists():
+        logging.getLogger("pipeline").info("base scores from the cache: %s", cache)
+        return json.loads(cache.read_text(encoding="utf-8"))
+    base = _jsonable(_lm_eval(r, tasks, manager, None))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(base, ensure_ascii=False), encoding="utf-8")
+    return base
+
+
+def _jsonable(results: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps({k: results[k] for k in ("results", "groups", "group_subtasks", "n-samples",
+                                                           "samples", "versions", "n-shot", "configs")
+                                  if k in results}, default=str))
+
+
+def _metric(key: str) -> str | None:
+    """`acc,none` → `acc`; `acc,flt` → `acc_flt`; stderr and alias keys → None."""
+    if "," not in key or "_stderr" in key:
+        return None
+    name, filt = key.split(",", 1)
+    return name if filt == "none" else f"{name}_{filt}"
+
+
+def _scores(results: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for task, values in results.get("results", {}).items():
+        for key, value in values.items():
+            name = _metric(key)
+            if name and isinstance(value, (int, float)):
+                out[f"{task}/{name}"] = float(value)
+    return out
+
+
+def _csv_rows(results: dict[str, Any], r: Resolved, adapter: str) -> list[dict[str, Any]]:
+    cfg = r.cfg
+    rows = []
+    for task, values in results.get("results", {}).items():
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in values.items():
+            name = _metric(key)
+            if name and isinstance(value, (int, float)):
+                stderr = values.get(key.replace(",", "_stderr,", 1))
+                rows.append({"task": task, "metric": name, "value": value,
+                             "stderr": stderr if isinstance(stderr, (int, float)) else "", "n": n or "",
+                             "model": r.model.ref, "adapter": adapter, "fewshot": cfg.num_fewshot,
+                             "chat_template": cfg.apply_chat_template})
+    return rows
+
+
+def _write(out: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    res = _jsonable(results)
+    samples = res.pop("samples", {})
+    (out / "results.json").write_text(json.dumps(res, ensure_ascii=False, indent=2), encoding="utf-8")
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for task, items in samples.items():
+            for item in items:
+                f.write(json.dumps({"task": task, **item}, ensure_ascii=False, default=str) + "\n")
+    with open(out / "results.csv", "w", encoding="utf-8", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return [out / "results.json", out / "results.csv", out / "samples.jsonl"]
+
+
+def _groups(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Task group → its leaf tasks (a task outside any group is its own group)."""
+    subtasks = results.get("group_subtasks", {})
+    leaves = {t for subs in subtasks.values() for t in subs}
+    groups = {g: [t for t in subs if t not in subtasks] or [g] for g, subs in subtasks.items() if g not in leaves}
+    for task in results.get("results", {}):
+        if task not in leaves and task not in groups:
+            groups[task] = [task]
+    return groups
+
+
+def _items(results: dict[str, Any], tasks: list[str]) -> dict[Any, float]:
+    """(task, doc_id) → 1/0 correctness from lm-eval's logged samples."""
+    out = {}
+    for task in tasks:
+        for s in results.get("samples", {}).get(task, []):
+            if "acc" in s:
+                out[(task, s["doc_id"])] = float(s["acc"])
+    return out
+
+
+def _chart(out: Path, pairs: list[Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(pairs)), 3.5))
+    xs = range(len(pairs))
+    ax.bar([x - 0.2 for x in xs], [p.base_acc for p in pairs], width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], [p.tuned_acc for p in pairs], width=0.4, label="tuned")
+    ax.set_xticks(list(xs), [f"{p.group}\np={p.p_value:.2g}" for p in pairs], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("base vs tuned per task group")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "base_vs_tuned.png"
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def _write_back(target: dict[str, Any], scores: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
+    """The scores onto the training run the adapter came from, and the gate onto its registered version."""
+    from pipeline import tracking
+
+    if target["run_id"]:
+        tracking.log_to_run(target["run_id"], {f"eval/{k}": v for k, v in scores.items()}, tags,
+                            [f for f in files if f.suffix == ".csv"], "eval")
+    if target.get("name") and target.get("version"):
+        version_tags = {f"eval.{k.replace('/', '.')}": f"{v:.4f}" for k, v in scores.items()}
+        tracking.set_model_version_tags(target["name"], target["version"], {**version_tags, **tags})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,8 @@ def plan(r: Resolved) -> Plan:
                     f"{cfg.filters.min_chars} chars dropped, over-length rows {cfg.filters.over_length}"),
         ("buckets", " / ".join(f"≤{b}" for b in cfg.buckets) + " tokens"),
         ("eval split", f"{cfg.eval_fraction:.1%} of trees / posts / prompts"),
+        ("decontam", f"drop rows sharing a {cfg.decontam.ngram}-gram (zh characters / en words) with an item of "
+                     f"zh_smoke or a mirrored eval set" if cfg.decontam.ngram else "off"),
         ("mix", f"zh share of tokens: sft {cfg.mix.sft.zh_share}, pref {cfg.mix.pref.zh_share}; "
                 f"on shortfall: {cfg.mix.on_shortfall}; max repeats {cfg.mix.max_repeats}; seed {cfg.seed}"),
     ], inputs=[*sources, base_model_input(r)],
@@ -104,6 +106,7 @@ class Built:
     mix: dict[str, dict]            # row type → the sampler's epoch-0 report
     noncommercial: list[str]
     tokenizer: str
+    eval_sets: list[str]            # the eval sets the pools were decontaminated against
 
 
 def build(r: Resolved, tmp: Path) -> Built:
@@ -114,10 +117,11 @@ def build(r: Resolved, tmp: Path) -> Built:
     steps: dict[str, dict] = {s.name: {} for s in cfg.sources}
     records = pool.read_sources(cfg, steps, tmp)
     num_proc = cfg.num_proc or (os.cpu_count() if len(records) >= SMALL else None)
+    index, eval_sets = pool.eval_index(r)
     pools: dict[str, Any] = {}
     for kind in ("sft", "pref"):
         part = pool.of_kind(records, kind)
-        train, held_out = pool.clean(part, kind, r, steps, num_proc)
+        train, held_out = pool.clean(part, kind, r, steps, num_proc, index)
         pools[f"{kind}.jsonl"], pools[f"{kind}_eval.jsonl"] = train, held_out
     rows = {name: len(ds) for name, ds in pools.items()}
     for name, st in steps.items():
@@ -134,7 +138,7 @@ def build(r: Resolved, tmp: Path) -> Built:
                         cfg.eval_fraction)
     mix = {kind: pool.epoch0(pools[f"{kind}.jsonl"], kind, cfg) for kind in ("sft", "pref")}
     reached = [n for n, s in steps.items() if s.get("kept", 0) and DATASETS[n].noncommercial]
-    return Built(pools, steps, rows, mix, reached, r.model.ref)
+    return Built(pools, steps, rows, mix, reached, r.model.ref, eval_sets)
 
 
 # ----------------------------------------------------------------------------------------------------------------

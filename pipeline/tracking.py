@@ -419,3 +419,18 @@ def _local_adapter(folder: Path) -> dict[str, Any]:
         raise StageError(f"start point {folder} holds no adapter_config.json; give an adapter folder")
     base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
     return {"folder": folder, "source": str(folder), "run_id": None, "version": None, "tags": {"base_model": base}}
+
+
+@rank0
+def log_to_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str], files: Iterable[Path],
+               artifact_path: str) -> None:
+    """Metrics, tags and files onto another (finished) run: a training run receives its evaluation."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path)

@@ -298,7 +298,8 @@ def test_the_stage_writes_exactly_the_outputs(stage):
 def test_counts_after_each_step_are_what_a_careful_reader_expects(stage):
     out, _ = stage
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["sources"]
-    assert m["oasst1"]["sft"]["after"] == {"parsed": 5, "hygiene": 5, "language": 4, "dedup": 4, "length": 4}
+    assert m["oasst1"]["sft"]["after"] == {"parsed": 5, "hygiene": 5, "language": 4, "dedup": 4, "decontam": 4,
+                                          "length": 4}
     assert m["oasst1"]["pref"]["dropped"] == {"other language (neither zh nor en)": 1}  # the ja tree
     assert m["coig"]["sft"]["dropped"] == {"empty or too-short turn": 1}
     # coig is listed first, so the shared item stays with coig; 0:4 is 0:3 in full-width digits
@@ -451,3 +452,22 @@ def test_the_hub_download_asks_for_the_configured_subsets_only(monkeypatch):
     assert asked == {"repo_id": "PKU-Alignment/PKU-SafeRLHF", "repo_type": "dataset", "revision": "9421ffaf",
                      "allow_patterns": ["data/Alpaca-7B/*"]}
     assert [f.rel for f in list_files(root, src, DATASETS["pku_saferlhf"])] == ["data/Alpaca-7B/test.jsonl"]
+
+
+def test_decontamination_drops_a_training_row_that_copies_an_eval_item(tmp_path, mlflow_store):
+    import shutil
+
+    coig = tmp_path / "coig"
+    shutil.copytree(FIXTURES / "coig", coig)
+    planted = {"instruction": "一年有多少个月？", "input": "A. 十个月\nB. 十二个月\nC. 十一个月\nD. 十三个月",
+               "output": "B. 十二个月"}  # zh_smoke's first test item, copied into a training source
+    with open(coig / "leetcode_instructions.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(planted, ensure_ascii=False) + "\n")
+    out = run_stage(tmp_path, f"sources.coig.path={coig}")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    sft = manifest["sources"]["coig"]["sft"]
+    assert sft["dropped"]["shares a long n-gram with an eval item (decontam)"] == 1
+    assert sft["contaminated_by"] == {"zh_smoke": 1} and manifest["decontam"]["eval_sets"] == ["zh_smoke"]
+    assert "一年有多少个月" not in (out / "sft.jsonl").read_text(encoding="utf-8") + \
+        (out / "sft_eval.jsonl").read_text(encoding="utf-8")
+    assert "overlapping zh_smoke: 1" in (out / "DATA_CARD.md").read_text(encoding="utf-8")

@@ -40,6 +40,7 @@ def manifest(r: Resolved, built: Any, digests: dict[str, dict]) -> dict[str, Any
         "manifest_version": MANIFEST_VERSION,
         "model": r.model.name, "tokenizer": built.tokenizer, "system_prompt": r.model.system_prompt,
         "seed": cfg.seed, "eval_fraction": cfg.eval_fraction, "buckets": list(cfg.buckets),
+        "decontam": {"ngram": cfg.decontam.ngram, "eval_sets": built.eval_sets},
         "filters": dataclasses.asdict(cfg.filters), "mix": dataclasses.asdict(cfg.mix),
         "sources": srcs,
         "outputs": digests,
@@ -68,9 +69,10 @@ def _source_table(m: dict[str, Any], zh: bool) -> list[str]:
 
 
 def _steps_table(m: dict[str, Any], zh: bool) -> list[str]:
-    head = ("| 数据源 / 类型 | 解析 | 清洗后 | 语言过滤后 | 去重后 | 长度过滤后 | 其中评测 |" if zh else
-            "| source / type | parsed | after hygiene | after language | after dedup | after length | of which eval |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    head = ("| 数据源 / 类型 | 解析 | 清洗后 | 语言过滤后 | 去重后 | 去污染后 | 长度过滤后 | 其中评测 |" if zh else
+            "| source / type | parsed | after hygiene | after language | after dedup | after decontam | after length "
+            "| of which eval |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in m["sources"].items():
         for kind in ("sft", "pref"):
             k = s.get(kind)
@@ -78,7 +80,7 @@ def _steps_table(m: dict[str, Any], zh: bool) -> list[str]:
                 continue
             a = k["after"]
             lines.append(f"| {name} / {kind} | {a['parsed']} | {a['hygiene']} | {a['language']} | {a['dedup']} | "
-                         f"{a['length']} | {k['eval']} |")
+                         f"{a['decontam']} | {a['length']} | {k['eval']} |")
     return lines
 
 
@@ -88,6 +90,7 @@ def _reasons(m: dict[str, Any]) -> list[str]:
         bits = [f"{reason}: {n}" for reason, n in s.get("skipped", {}).items()]
         for kind in ("sft", "pref"):
             bits += [f"{kind} {reason}: {n}" for reason, n in s.get(kind, {}).get("dropped", {}).items()]
+            bits += [f"{kind} overlapping {task}: {n}" for task, n in s.get(kind, {}).get("contaminated_by", {}).items()]
         if bits:
             lines.append(f"- **{name}** — " + "; ".join(bits))
     return lines or ["- (none)"]
@@ -129,7 +132,9 @@ def data_card(m: dict[str, Any]) -> str:
         "# Data card — zh-align prepare", "",
         f"Tokenizer `{m['tokenizer']}` (model `{m['model']}`), chat template with the model's system prompt; "
         f"buckets {buckets} tokens (`bucket` in each row is the index); seed {m['seed']}; eval split "
-        f"{_pct(m['eval_fraction'])} of trees / posts / prompts. Counts below are this run's, not estimates.", "",
+        f"{_pct(m['eval_fraction'])} of trees / posts / prompts. Decontaminated against "
+        f"{', '.join(m['decontam']['eval_sets']) or 'nothing (decontam off)'} "
+        f"({m['decontam']['ngram']}-grams). Counts below are this run's, not estimates.", "",
         warn_en, "",
         "## Sources", "", *_source_table(m, zh=False), "",
         "## Rows after each step", "", *_steps_table(m, zh=False), "",

@@ -22,8 +22,9 @@ OTHER_LANG = "other language (neither zh nor en)"
 LOW_HAN = "Han share below filters.min_cn_ratio"
 NO_FALLBACK = "English while filters.allow_english_fallback is false"
 DUPLICATE = "duplicate (same dedup key as an earlier row)"
+CONTAMINATED = "shares a long n-gram with an eval item (decontam)"
 OVER_LENGTH = "longer than the largest bucket edge"
-REASONS = (EMPTY_TURN, SAME_ANSWER, OTHER_LANG, LOW_HAN, NO_FALLBACK, DUPLICATE, OVER_LENGTH)
+REASONS = (EMPTY_TURN, SAME_ANSWER, OTHER_LANG, LOW_HAN, NO_FALLBACK, DUPLICATE, CONTAMINATED, OVER_LENGTH)
 EVAL_SALT = "zh-align-eval"  # the eval split depends on the group only: the same held-out set for every seed
 
 

@@ -22,8 +22,9 @@ from pipeline.data.sources import DATASETS
 from pipeline.plan import repo_path
 
 log = logging.getLogger("pipeline.prepare")
-STEPS = ("parsed", "hygiene", "language", "dedup", "length")  # the count after each step, per source and row type
+STEPS = ("parsed", "hygiene", "language", "dedup", "decontam", "length")  # counts after each step, per source and type
 STEP_OF = {C.EMPTY_TURN: "hygiene", C.SAME_ANSWER: "hygiene", C.OTHER_LANG: "language", C.LOW_HAN: "language",
+           C.CONTAMINATED: "decontam",
            C.NO_FALLBACK: "language", C.DUPLICATE: "dedup", C.OVER_LENGTH: "length"}
 
 
@@ -91,8 +92,8 @@ def _dropped(steps: dict[str, dict], kind: str, pairs: Counter) -> None:
             d[reason] = d.get(reason, 0) + n
 
 
-def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | None):
-    """Clean, filter, dedup, measure and split one row type; returns (train pool, eval pool)."""
+def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | None, index: Any = None):
+    """Clean, filter, dedup, decontaminate, measure and split one row type; returns (train pool, eval pool)."""
     import numpy as np
 
     cfg: PrepareConfig = r.cfg
@@ -109,7 +110,7 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     keep = np.flatnonzero(np.asarray(drop) == "")
     firsts = C.first_seen(column(cleaned.select(keep), "id"))
     _dropped(steps, kind, Counter((src[i], C.DUPLICATE) for i, f in zip(keep, firsts, strict=True) if not f))
-    kept = cleaned.select(keep[np.asarray(firsts, dtype=bool)])
+    kept = _decontaminate(cleaned.select(keep[np.asarray(firsts, dtype=bool)]), kind, index, steps, num_proc)
     if len(kept) == 0:
         _summarise(None, kind, steps)
         return kept, kept
@@ -126,6 +127,42 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     _summarise(measured, kind, steps)
     is_eval = np.asarray(column(measured, "eval"), dtype=bool)
     return measured.select(np.flatnonzero(~is_eval)), measured.select(np.flatnonzero(is_eval))
+
+
+def eval_index(r: Resolved) -> tuple[Any, list[str]]:
+    """The n-gram index of every eval item with a local copy: the shipped zh_smoke and the mirrors of the evaluate
+    config for this hardware profile. (None, []) when `decontam.ngram` is 0."""
+    from pipeline import evalsets
+    from pipeline.config import resolve
+    from pipeline.data.decontam import Index
+
+    cfg: PrepareConfig = r.cfg
+    if not cfg.decontam.ngram:
+        return None, []
+    mirrors = {"zh_smoke": str(evalsets.ZH_SMOKE)}
+    mirrors.update({t: str(repo_path(f)) for t, f in resolve("evaluate", hw=r.hw.name).cfg.mirrors.items()
+                    if repo_path(f).is_dir()})
+    index = Index(evalsets.eval_items(mirrors), cfg.decontam.ngram)
+    return index, sorted(mirrors)
+
+
+def _decontaminate(ds, kind: str, index: Any, steps: dict[str, dict], num_proc: int | None):
+    """Drop rows that share an n-gram with an eval item; count them per source and per eval task."""
+    import numpy as np
+
+    from pipeline.data.decontam import batch_hits
+
+    if index is None or len(ds) == 0:
+        return ds
+    hits = column(ds.map(batch_hits, batched=True, batch_size=1000, num_proc=num_proc, desc=f"{kind}: decontam",
+                         fn_kwargs={"index": index, "kind": kind}, remove_columns=ds.column_names), "contaminated")
+    sources = column(ds, "source")
+    _dropped(steps, kind, Counter((s, C.CONTAMINATED) for s, h in zip(sources, hits, strict=True) if h))
+    for s, h in zip(sources, hits, strict=True):
+        for task in filter(None, h.split(";")):
+            by = steps[s][kind].setdefault("contaminated_by", {})
+            by[task] = by.get(task, 0) + 1
+    return ds.select(np.flatnonzero(np.asarray(hits) == ""))
 
 
 def _summarise(ds, kind: str, steps: dict[str, dict]) -> None:
