@@ -48,7 +48,7 @@ help: ## list the targets and the variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DRY_RUN=$(DRY_RUN) HW=$(HW) EXPERIMENT=$(EXPERIMENT) ENV_MANAGER=$(ENV_MANAGER)" \
-	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET)"
+	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS)"
 
 setup: $(STAMP) ## create .venv and install the pinned stack (CPU torch here; + the gpu extra where nvidia-smi exists)
 
