@@ -1,4 +1,6 @@
-"""The registered model: a base causal LM + a LoRA adapter, as an MLflow pyfunc (models-from-code).
+"""The registered model: a base causal LM + a LoRA adapter (or a merged model), as an MLflow pyfunc (models-from-code).
+
+A merged model (the export stage) is logged with the artifact ``model`` instead of ``adapter`` and loads on its own.
 
 ``pipeline.tracking.log_adapter_model`` logs this file as the model's code, the adapter folder (PEFT weights + the
 tokenizer with its chat template) as the artifact ``adapter``, and the base model in ``model_config``, whose keys
@@ -32,7 +34,8 @@ class AdapterModel(PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         config = {**DEFAULTS, **{k: v for k, v in (context.model_config or {}).items() if v is not None}}
-        if not config["base_model"]:
+        merged = context.artifacts.get("model")  # a merged model carries its own weights: no base, no adapter
+        if not merged and not config["base_model"]:
             raise ValueError("model_config['base_model'] is empty: pass the base's hub id or local folder")
         self.system_prompt = config["system_prompt"]
         self.max_new_tokens = int(config["max_new_tokens"])
@@ -42,14 +45,15 @@ class AdapterModel(PythonModel):
         dtype = config["dtype"]
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-        adapter = context.artifacts["adapter"]
+        adapter = merged or context.artifacts["adapter"]
         self.tokenizer = AutoTokenizer.from_pretrained(adapter)
         self.tokenizer.padding_side = "left"  # batched generation continues each row from its last token
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(config["base_model"], revision=config["revision"],
+        base = AutoModelForCausalLM.from_pretrained(merged or config["base_model"],
+                                                    revision=None if merged else config["revision"],
                                                     dtype=getattr(torch, dtype), device_map=device)
-        self.model = PeftModel.from_pretrained(base, adapter).eval()
+        self.model = (base if merged else PeftModel.from_pretrained(base, adapter)).eval()
         eos = base.generation_config.eos_token_id if base.generation_config else None
         # Plain greedy decoding: the hub's sampling settings (temperature, top_p, repetition_penalty) are not inherited.
         self.generation_config = GenerationConfig(do_sample=False, eos_token_id=eos or self.tokenizer.eos_token_id,

@@ -3,7 +3,7 @@
 ``python -m pipeline.<stage> [--config FILE] [--hw NAME] [--dry-run true|false] [--set key=value]...
 [--overrides "k=v k2=v2"]`` (align adds ``--loss orpo|dpo``). ``--config`` defaults to ``configs/<stage>.yaml``, or to
 its offline twin in ``configs/smoke/`` for ``--hw cpu``. A dry run (the default) prints the plan and writes nothing.
-Exit codes: 0 done, 1 the stage failed, 2 bad input (config, arguments) or a stage not built yet.
+Exit codes: 0 done, 1 the stage failed, 2 bad input (config, arguments).
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ TRAINING = ("sft", "align")  # the stages that can run on several processes (--a
 
 class StageError(RuntimeError):
     """An expected failure with a message that says what is wrong and how to fix it: printed, exit 1."""
-
-
-class NotImplementedStage(RuntimeError):
-    def __init__(self, stage: str):
-        super().__init__(f"stage {stage} is not implemented yet (its dry run works: --dry-run true)")
 
 
 def parse_bool(text: str) -> bool:
@@ -133,7 +128,7 @@ def main(stage: str, plan: Callable[[Resolved], Any], run: Callable[[Resolved], 
         return 0
     try:
         result = run(resolved)
-    except (NotImplementedStage, ConfigError) as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StageError as err:

@@ -1,15 +1,22 @@
 """export: merge the LoRA adapter into the bf16 base, check logits, write a model card, register the merged model.
 
-Built by the export issue; for now its dry run shows the plan and a real run exits 2.
+The adapter (run id, `name@alias`, `name/version` or folder; a QLoRA-trained one too) is merged with PEFT's safe merge
+into the base in bf16 — never into a 4-bit model (the cpu profile merges in fp32). Merged and adapter logits on fixed
+zh/en prompts must agree within `logits_tolerance`. The folder holds safetensors, the tokenizer with a chat template
+whose default system prompt is the model definition's Chinese one, the generation config and a model card.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from pipeline import cli
 from pipeline.config import Resolved
-from pipeline.plan import Plan, base_model_input, dir_output, model_ref_input, registry_output
+from pipeline.plan import Plan, base_model_input, dir_output, model_ref_input, registry_output, repo_path
 
 STAGE = "export"
 
@@ -22,8 +29,104 @@ def plan(r: Resolved) -> Plan:
        outputs=[dir_output(cfg.output_dir, "merged model + model card"), registry_output(cfg.register)])
 
 
-def run(r: Resolved):
-    raise cli.NotImplementedStage(STAGE)
+QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+@dataclass
+class ExportResult:
+    output_dir: str
+    max_logit_diff: float
+    registered: str | None
+
+    def __str__(self) -> str:
+        return f"max |merged − adapter| logit {self.max_logit_diff:.2e} → {self.output_dir} → {self.registered}"
+
+
+def run(r: Resolved) -> ExportResult:
+    from pipeline import tracking
+    from pipeline.align import same_base
+
+    cfg = r.cfg
+    target = tracking.find_adapter(cfg.adapter, stage="align", model=r.model.name, hw=r.hw.name)
+    recorded = target["tags"].get("base_model", "")
+    if not same_base(recorded, r):
+        raise cli.StageError(f"adapter {target['source']} was trained on base {recorded!r}, but this export's base is "
+                             f"{r.model.hub_id or r.model.name}; set `adapter` or `model`")
+    out = repo_path(cfg.output_dir)
+    lineage = {k: v for k, v in target["tags"].items() if k.startswith(("data.", "licence.", "eval.", "start_from"))}
+    tags = {**lineage, "adapter": target["source"], "base_model": r.model.hub_id or r.model.name,
+            "base_revision": r.model.revision or "", "stage": STAGE, "hw": r.hw.name}
+    with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags={"adapter": target["source"]}):
+        merged, tokenizer, diff = _merge(r, target["folder"])
+        tracking.log_metrics({"merge.max_abs_logit_diff": diff})
+        if diff > cfg.logits_tolerance:
+            raise cli.StageError(f"merged logits differ from the adapter's by {diff:.3g} > logits_tolerance "
+                                 f"{cfg.logits_tolerance}; the merge is not faithful (check the adapter and dtype)")
+        _save(merged, tokenizer, r, out, target, diff)
+        reg = tracking.log_merged_model(out, registered_name=cfg.register.name, alias=cfg.register.alias,
+                                        system_prompt=r.model.system_prompt,
+                                        tags={**tags, "merge.max_abs_logit_diff": f"{diff:.3g}",
+                                              "git.sha": tracking.git_state().get("git.sha", "")})
+    return ExportResult(cfg.output_dir, diff, reg["uri"] if reg else None)
+
+
+def probe_inputs(tokenizer: Any, system: str) -> Any:
+    """The fixed zh / en probe prompts, chat-templated, as one padded batch."""
+    from pipeline.train import PROBES
+
+    prompts = [p for ps in json.loads(PROBES.read_text(encoding="utf-8")).values() for p in ps]
+    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": p}],
+                                           tokenize=False, add_generation_prompt=True) for p in prompts]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def _merge(r: Resolved, adapter: Path) -> tuple[Any, Any, float]:
+    """(merged model, tokenizer, max |merged − adapter| logit over the probe prompts)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.models import base_model_path, load_tokenizer
+
+    path, revision = base_model_path(r.model)
+    dtype = torch.float32 if r.hw.precision == "fp32" else torch.bfloat16  # bf16, never the 4-bit QLoRA base
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype),
+                                      str(adapter)).eval()
+    tokenizer = load_tokenizer(r.model)
+    batch = probe_inputs(tokenizer, r.model.system_prompt)
+    with torch.no_grad():
+        before = model(**batch).logits.float()
+        merged = model.merge_and_unload(safe_merge=True)
+        after = merged(**batch).logits.float()
+    mask = batch["attention_mask"].bool()
+    return merged, tokenizer, float((after - before).abs()[mask].max())
+
+
+def _save(model: Any, tokenizer: Any, r: Resolved, out: Path, target: dict[str, Any], diff: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer.chat_template and QWEN_DEFAULT in tokenizer.chat_template:
+        tokenizer.chat_template = tokenizer.chat_template.replace(QWEN_DEFAULT, r.model.system_prompt)
+    tokenizer.save_pretrained(str(out))
+    (out / "README.md").write_text(model_card(r, target, diff), encoding="utf-8")
+
+
+def model_card(r: Resolved, target: dict[str, Any], diff: float) -> str:
+    tags = target["tags"]
+    evals = "\n".join(f"| {k.removeprefix('eval.')} | {v} |" for k, v in sorted(tags.items()) if k.startswith("eval."))
+    return "\n".join([
+        f"# {r.cfg.register.name} — merged by zh-align", "",
+        f"- base: `{r.model.hub_id or r.model.name}` @ `{r.model.revision or 'local'}` (licence {r.model.licence})",
+        f"- adapter: `{target['source']}` (run `{target['run_id'] or '-'}`), merged with PEFT's safe merge into the "
+        f"{'fp32' if r.hw.precision == 'fp32' else 'bf16'} base; max |merged − adapter| logit on the probe prompts: "
+        f"{diff:.3g}",
+        f"- data: sha256 `{tags.get('data.sha256', '-')}`, prepare run `{tags.get('data.run_id') or '-'}`",
+        f"- licences: non-commercial or unclear sources in the training data: "
+        f"{tags.get('licence.noncommercial_sources', 'unknown')} (licence.noncommercial="
+        f"{tags.get('licence.noncommercial', 'unknown')}); research use unless every source allows more",
+        f"- default system prompt (chat template): {r.model.system_prompt}", "",
+        "## Evaluation (from the adapter's registered version)", "",
+        "| metric | value |", "|---|---|", evals or "| (not evaluated) | |", ""])
 
 
 def main(argv: list[str] | None = None) -> int:

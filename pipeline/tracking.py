@@ -313,7 +313,6 @@ def log_adapter_model(adapter_dir: str | Path, *, registered_name: str, alias: s
     Returns ``{"name", "version" (int), "uri": "models:/NAME@ALIAS", "model_uri"}``.
     """
     import mlflow
-    from mlflow import MlflowClient
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -324,14 +323,35 @@ def log_adapter_model(adapter_dir: str | Path, *, registered_name: str, alias: s
                     "max_new_tokens": int(max_new_tokens), "dtype": "auto", "device": "auto"}
     with tempfile.TemporaryDirectory(prefix="zh-align-adapter-") as tmp:
         staged = stage_adapter(adapter_dir, Path(tmp) / "adapter", str(base_model))
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=str(ADAPTER_MODEL_CODE), artifacts={"adapter": str(staged)},
-            model_config=model_config, registered_model_name=registered_name,
-            pip_requirements=adapter_requirements())
+        return _register({"adapter": str(staged)}, model_config, registered_name, alias, name,
+                         {"base_model": portable_base_name(str(base_model)), "revision": revision or "none",
+                          **(tags or {})})
+
+
+@rank0
+def log_merged_model(folder: str | Path, *, registered_name: str, alias: str, system_prompt: str,
+                     tags: Mapping[str, Any] | None = None, name: str = "merged") -> dict[str, Any]:
+    """Log a merged model folder (safetensors + tokenizer + generation config + model card) as a pyfunc model in the
+    active run, register it and move ``alias`` to it; the same return value as :func:`log_adapter_model`."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_merged_model needs an active run: call it inside tracking.start_run(...)")
+    model_config = {"base_model": None, "revision": None, "system_prompt": system_prompt, "max_new_tokens": 64,
+                    "dtype": "auto", "device": "auto"}
+    return _register({"model": str(folder)}, model_config, registered_name, alias, name, dict(tags or {}))
+
+
+def _register(artifacts: dict[str, str], model_config: dict[str, Any], registered_name: str, alias: str, name: str,
+              tags: Mapping[str, Any]) -> dict[str, Any]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.pyfunc.log_model(name=name, python_model=str(ADAPTER_MODEL_CODE), artifacts=artifacts,
+                                   model_config=model_config, registered_model_name=registered_name,
+                                   pip_requirements=adapter_requirements())
     version = int(info.registered_model_version)
-    set_model_version_tags(registered_name, version,
-                           {"base_model": portable_base_name(str(base_model)), "revision": revision or "none",
-                            **(tags or {})})
+    set_model_version_tags(registered_name, version, tags)
     MlflowClient().set_registered_model_alias(registered_name, alias, version)
     log.info("registered %s version %s as @%s", registered_name, version, alias)
     return {"name": registered_name, "version": version, "uri": f"models:/{registered_name}@{alias}",

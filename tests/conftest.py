@@ -30,3 +30,17 @@ def mlflow_store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
     while mlflow.active_run():
         mlflow.end_run()
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory):
+    """A temporary folder with its own MLflow store (experiment `zh-align-module`) shared by one test module."""
+    tmp = tmp_path_factory.mktemp("module")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", "zh-align-module")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    yield tmp
+    mp.undo()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

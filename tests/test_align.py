@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import mlflow
@@ -20,21 +19,14 @@ FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.e
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(module_store):
     """A prepared pool and a finished sft run with its registered adapter, in this module's own MLflow store."""
-    tmp = tmp_path_factory.mktemp("align")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    mp.setenv("MLFLOW_EXPERIMENT_NAME", "align-test")
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    tmp = module_store
     assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
     r = resolve("sft", hw="cpu", overrides=parse_overrides([f"data.path={tmp / 'data'}", f"output_dir={tmp / 'sft'}",
                                                               "train.max_steps=2", *FAST]))
     done = sft.run(r)
-    yield {"tmp": tmp, "pool": tmp / "data", "adapter": Path(done.adapter)}
-    mp.undo()
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    return {"tmp": tmp, "pool": tmp / "data", "adapter": Path(done.adapter)}
 
 
 def resolved(world, loss: str, *sets: str):

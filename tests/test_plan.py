@@ -56,15 +56,6 @@ def test_the_equivalent_command_carries_config_and_overrides(capsys):
     assert "r: 8" in out and "epochs: 2.0" in out
 
 
-BUILT = ("prepare", "sft", "align", "evaluate")  # stages whose real run works; the others say they are not built yet
-
-
-@pytest.mark.parametrize("stage", [s for s in STAGES if s not in BUILT])
-def test_a_real_run_of_a_stage_not_built_yet_exits_2_and_says_so(stage, capsys):
-    assert _main(stage)(["--hw", "cpu", "--dry-run", "false"]) == 2
-    assert f"stage {stage} is not implemented yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("stage", [*STAGES, "plan"])
 def test_help_exits_0(stage, capsys):
     with pytest.raises(SystemExit) as done:

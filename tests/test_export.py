@@ -1,0 +1,71 @@
+"""The export stage on the tiny model: the merge is exact, the folder carries the zh system prompt and a model card,
+and the registered merged model round-trips (register → alias → pull → load → the same logits)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from pipeline import align, export, prepare, sft
+from pipeline.config import load_model, parse_overrides, resolve
+
+FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.eval_steps=100", "train.save_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def exported(module_store):
+    """prepare → sft → orpo → export on the tiny model, in this module's own MLflow store."""
+    tmp = module_store
+    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
+    common = [f"data.path={tmp / 'data'}", "train.max_steps=3", "train.lr=1e-2", *FAST]
+    sft.run(resolve("sft", hw="cpu", overrides=parse_overrides([*common, f"output_dir={tmp / 'sft'}"])))
+    align.run(resolve("align", hw="cpu", loss="orpo", overrides=parse_overrides([*common, f"output_dir={tmp / 'orpo'}"])))
+    result = export.run(resolve("export", hw="cpu", overrides=parse_overrides([f"output_dir={tmp / 'merged'}"])))
+    return {"tmp": tmp, "out": tmp / "merged", "result": result}
+
+
+def logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = export.probe_inputs(tokenizer, load_model("tiny-qwen2").system_prompt)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_the_merge_matches_the_adapter_and_the_folder_is_complete(exported):
+    assert exported["result"].max_logit_diff <= 1e-4
+    out = exported["out"]
+    written = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= written
+    template = (out / "chat_template.jinja").read_text(encoding="utf-8")
+    assert "你是一个乐于助人" in template and "You are Qwen" not in template  # the zh default system prompt
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "models:/zh-align-orpo/" in card and "licence.noncommercial=true" in card
+
+
+def test_the_registered_merged_model_pulls_and_loads_with_the_same_logits(exported):
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("zh-align-merged", "candidate")
+    assert version.tags["adapter"].startswith("models:/zh-align-orpo/") and version.tags["data.sha256"]
+    assert float(version.tags["merge.max_abs_logit_diff"]) <= 1e-4
+    pulled = Path(mlflow.artifacts.download_artifacts("models:/zh-align-merged@candidate",
+                                                      dst_path=str(exported["tmp"] / "pulled")))
+    folder = next(p.parent for p in pulled.rglob("config.json") if (p.parent / "model.safetensors").exists())
+    assert torch.allclose(logits(folder), logits(exported["out"]), atol=1e-6)
+    out = mlflow.pyfunc.load_model("models:/zh-align-merged@candidate").predict(["你好"])
+    assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_a_foreign_adapter_is_refused_naming_both(tmp_path, mlflow_store):
+    import json
+
+    from pipeline.cli import StageError
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}))
+    with pytest.raises(StageError, match=r"trained on base 'Qwen/Qwen2.5-7B-Instruct', but this export's base is tiny"):
+        export.run(resolve("export", hw="cpu", overrides=parse_overrides([f"adapter={tmp_path}"])))
