@@ -11,10 +11,16 @@ PORT ?= 5000
 CONFIG ?=
 ROWS ?= 1000000
 ACCEL ?=
+MODEL ?=
+VERSION ?=
+ALIAS ?= champion
+DEST ?=
+FORCE ?=
+OVERWRITE ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help setup plan prepare data bench-data gpu-smoke sft align orpo dpo evaluate eval export ui test lint clean
+.PHONY: help setup plan prepare data bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull ui test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -92,6 +98,12 @@ eval: evaluate ## alias of evaluate
 
 export: $(STAMP) ## merge the adapter into the bf16 base and register zh-align-merged
 	$(call stage,export)
+
+promote: $(STAMP) ## move ALIAS (champion) to MODEL's VERSION; refused when its eval gate failed unless FORCE=1
+	$(PY) -m pipeline.registry promote --model '$(MODEL)' --version '$(VERSION)' --alias '$(ALIAS)' $(if $(filter 1,$(FORCE)),--force)
+
+pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRITE=1 replaces a non-empty DEST
+	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' $(if $(filter 1,$(OVERWRITE)),--overwrite)
 
 ui: $(STAMP) ## serve the MLflow UI for this project's store on 127.0.0.1:PORT
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)

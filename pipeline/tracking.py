@@ -454,3 +454,68 @@ def log_to_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str
         client.set_tag(run_id, key, value)
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Promote and pull: aliases on registered versions, and a registered model as a plain folder
+# ----------------------------------------------------------------------------------------------------------------
+def _registered_version(client: Any, ref: str) -> Any:
+    """`name@alias` or `name/version` → the model version; a missing alias names the aliases that exist."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.cli import StageError
+
+    name, sep, rest = ref.partition("@") if "@" in ref else ref.partition("/")
+    if not sep or not rest:
+        raise StageError(f"model {ref!r}: give `name@alias` or `name/version`")
+    try:
+        return client.get_model_version_by_alias(name, rest) if "@" in ref else client.get_model_version(name, rest)
+    except MlflowException as err:
+        try:
+            aliases = sorted(client.get_registered_model(name).aliases)
+        except MlflowException:
+            raise StageError(f"no registered model {name!r} in {tracking_uri()}") from err
+        raise StageError(f"{ref!r} does not exist; aliases of {name}: {', '.join(aliases) or 'none'}") from err
+
+
+def promote(name: str, version: str, alias: str, force: bool = False) -> str:
+    """Move `alias` to a version; refused when the version's `eval.gate` is fail, unless `force`."""
+    import mlflow
+
+    from pipeline.cli import StageError
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    mv = _registered_version(client, f"{name}/{version}")
+    gate = mv.tags.get("eval.gate")
+    if gate == "fail" and not force:
+        raise StageError(f"{name}/{version} failed its evaluation gate ({mv.tags.get('eval.gate_failed', '?')}: "
+                         f"{mv.tags.get('eval.gate_rule', '')}); pass FORCE=1 to promote it anyway")
+    client.set_registered_model_alias(name, alias, mv.version)
+    if gate == "fail":
+        client.set_model_version_tag(name, mv.version, f"promoted.{alias}.forced", "true")
+    return f"models:/{name}@{alias} → version {mv.version} (eval.gate {gate or 'not evaluated'})"
+
+
+def pull(ref: str, dest: Path, overwrite: bool = False) -> Path:
+    """A registered model as a plain folder: a merged model loads with transformers, an adapter with PEFT."""
+    import shutil
+
+    import mlflow
+
+    from pipeline.cli import StageError
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mv = _registered_version(mlflow.MlflowClient(), ref)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise StageError(f"{dest} is not empty; pass OVERWRITE=1 to replace it")
+    with tempfile.TemporaryDirectory(prefix="zh-align-pull-") as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=tmp))
+        found = [p.parent for p in root.rglob("adapter_config.json")] or \
+            [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+        if not found:
+            raise StageError(f"{ref} holds neither an adapter nor a merged model")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(found[0], dest)
+    return dest

@@ -69,3 +69,28 @@ def test_a_foreign_adapter_is_refused_naming_both(tmp_path, mlflow_store):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}))
     with pytest.raises(StageError, match=r"trained on base 'Qwen/Qwen2.5-7B-Instruct', but this export's base is tiny"):
         export.run(resolve("export", hw="cpu", overrides=parse_overrides([f"adapter={tmp_path}"])))
+
+
+def test_pull_gives_a_folder_transformers_loads_and_refuses_a_full_dest(exported, capsys):
+    from pipeline import registry
+
+    dest = exported["tmp"] / "pulled-merged"
+    assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest)]) == 0
+    assert torch.allclose(logits(dest), logits(exported["out"]), atol=1e-6)
+    assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest)]) == 1
+    assert "is not empty; pass OVERWRITE=1" in capsys.readouterr().err
+    assert registry.main(["pull", "--model", "zh-align-merged@nope", "--dest", str(dest), "--overwrite"]) == 1
+    assert "aliases of zh-align-merged: candidate" in capsys.readouterr().err
+
+
+def test_promote_refuses_a_failed_gate_unless_forced(exported, capsys):
+    from pipeline import registry
+
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("zh-align-merged", "candidate").version
+    client.set_model_version_tag("zh-align-merged", version, "eval.gate", "fail")
+    args = ["promote", "--model", "zh-align-merged", "--version", str(version), "--alias", "champion"]
+    assert registry.main(args) == 1
+    assert "failed its evaluation gate" in capsys.readouterr().err
+    assert registry.main([*args, "--force"]) == 0
+    assert client.get_model_version_by_alias("zh-align-merged", "champion").version == version
