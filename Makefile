@@ -17,10 +17,12 @@ ALIAS ?= champion
 DEST ?=
 FORCE ?=
 OVERWRITE ?=
+VERIFY ?=
+RUN_ID ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help setup plan prepare data bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull ui test lint clean
+.PHONY: help demo setup plan pipeline prepare data bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull rerun ui screenshots test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -44,7 +46,7 @@ endif
 # Check the config first (fast, clean error, no FAILED run in the store), then launch through MLflow.
 define stage
 	@$(PY) -m pipeline.$(1) --hw '$(HW)' --config '$(CONFIG)' --overrides '$(SET)' $(2) --dry-run true > /dev/null
-	mlflow run . -e $(1) --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
+	mlflow run . -e $(1) --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' --run-name '$(1)-$(HW)' \
 	  -P hw='$(HW)' -P dry_run=$(DRY) -P config='$(CONFIG)' -P overrides='$(SET)' $(3)
 endef
 
@@ -55,6 +57,10 @@ help: ## list the targets and the variables
 	@echo
 	@echo "variables: DRY_RUN=$(DRY_RUN) HW=$(HW) EXPERIMENT=$(EXPERIMENT) ENV_MANAGER=$(ENV_MANAGER)" \
 	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS)"
+
+demo: ## start here: set up, then run the whole chain for real on the tiny model, offline (HW=cpu, a few minutes)
+	@$(MAKE) --no-print-directory setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory pipeline HW=cpu DRY_RUN=0 LOSS='$(LOSS)'
 
 setup: $(STAMP) ## create .venv and install the pinned stack (CPU torch here; + the gpu extra where nvidia-smi exists)
 
@@ -67,6 +73,12 @@ plan: $(STAMP) ## the plans of all five stages on one page, kept as a run in the
 	@$(PY) -m pipeline.plan --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' > /dev/null
 	mlflow run . -e plan --env-manager $(ENV_MANAGER) --experiment-name '$(EXPERIMENT)' \
 	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides='$(SET)'
+
+pipeline: $(STAMP) ## prepare → sft → align → evaluate → export as child runs of one parent run (LOSS=orpo|dpo)
+	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' --dry-run true > /dev/null
+	mlflow run . -e pipeline --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
+	  --run-name 'pipeline-$(HW)-$(LOSS)' \
+	  -P hw='$(HW)' -P dry_run=$(DRY) -P loss='$(LOSS)' -P overrides='$(SET)' -P accel='$(ACCEL)'
 
 prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preference pools + data card
 	$(call stage,prepare)
@@ -102,17 +114,24 @@ export: $(STAMP) ## merge the adapter into the bf16 base and register zh-align-m
 promote: $(STAMP) ## move ALIAS (champion) to MODEL's VERSION; refused when its eval gate failed unless FORCE=1
 	$(PY) -m pipeline.registry promote --model '$(MODEL)' --version '$(VERSION)' --alias '$(ALIAS)' $(if $(filter 1,$(FORCE)),--force)
 
-pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRITE=1 replaces a non-empty DEST
-	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' $(if $(filter 1,$(OVERWRITE)),--overwrite)
+pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRITE=1 replaces it, VERIFY=1 checks logits
+	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' --hw '$(HW)' --overrides '$(SET)' \
+	  $(if $(filter 1,$(OVERWRITE)),--overwrite) $(if $(filter 1,$(VERIFY)),--verify)
+
+rerun: $(STAMP) ## re-run the finished stage run RUN_ID from its logged config and data; reports what came out identical
+	$(PY) -m pipeline.rerun --run-id '$(RUN_ID)' $(if $(filter 0,$(DRY_RUN)),,--dry-run)
 
 ui: $(STAMP) ## serve the MLflow UI for this project's store on 127.0.0.1:PORT
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)
 
+screenshots: $(STAMP) ## retake docs/img/*.png, the README's MLflow UI screenshots (after make demo; needs Debian's chromium)
+	$(PY) docs/screenshots.py
+
 test: $(STAMP) ## run the test suite (CPU, offline)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
 
-lint: $(STAMP) ## ruff over the package and the tests
-	$(PY) -m ruff check pipeline tests
+lint: $(STAMP) ## ruff over the package, the tests and docs/screenshots.py
+	$(PY) -m ruff check pipeline tests docs
 
 clean: ## remove outputs/, caches and the tiny models (keeps mlflow.db and mlruns/, your run history)
 	rm -rf outputs .cache/tiny-models .pytest_cache .ruff_cache

@@ -94,7 +94,7 @@ def run(r: Resolved) -> EvalResult:
                                                                 ensure_ascii=False, indent=2), encoding="utf-8")
                 files.append(out / "forgetting.json")
                 extra = {"eval.gate": verdict, "eval.gate_rule": rule, "eval.gate_failed": ",".join(failed) or "none",
-                         "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0):.4f}"}
+                         "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0) + 0.0:.4f}"}
                 tracking.set_tags(extra)
             tracking.log_artifacts(files, "eval")
             _write_back(target, scores, extra, files)

@@ -63,6 +63,9 @@ def run(r: Resolved) -> ExportResult:
             raise cli.StageError(f"merged logits differ from the adapter's by {diff:.3g} > logits_tolerance "
                                  f"{cfg.logits_tolerance}; the merge is not faithful (check the adapter and dtype)")
         _save(merged, tokenizer, r, out, target, diff)
+        record = probe_record(merged, tokenizer, r.model.system_prompt)
+        (out / PROBE_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        tracking.log_artifacts([out / PROBE_FILE])
         reg = tracking.log_merged_model(out, registered_name=cfg.register.name, alias=cfg.register.alias,
                                         system_prompt=r.model.system_prompt,
                                         tags={**tags, "merge.max_abs_logit_diff": f"{diff:.3g}",
@@ -70,14 +73,60 @@ def run(r: Resolved) -> ExportResult:
     return ExportResult(cfg.output_dir, diff, reg["uri"] if reg else None)
 
 
-def probe_inputs(tokenizer: Any, system: str) -> Any:
-    """The fixed zh / en probe prompts, chat-templated, as one padded batch."""
+def probe_texts(tokenizer: Any, system: str) -> list[str]:
+    """The fixed zh / en probe prompts, chat-templated with the zh system prompt."""
     from pipeline.train import PROBES
 
     prompts = [p for ps in json.loads(PROBES.read_text(encoding="utf-8")).values() for p in ps]
-    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": p}],
-                                           tokenize=False, add_generation_prompt=True) for p in prompts]
-    return tokenizer(texts, return_tensors="pt", padding=True)
+    return [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": p}],
+                                          tokenize=False, add_generation_prompt=True) for p in prompts]
+
+
+def probe_inputs(tokenizer: Any, system: str) -> Any:
+    """The probe prompts as one batch, padded on the left (the last position is every prompt's next token)."""
+    return tokenizer(probe_texts(tokenizer, system), return_tensors="pt", padding=True, padding_side="left")
+
+
+PROBE_FILE = "probe_logits.json"
+TOP_K = 20
+
+
+def probe_record(model: Any, tokenizer: Any, system: str) -> dict[str, Any]:
+    """The merged model's fingerprint: for each probe prompt (as the exact templated text), the top-k next-token ids
+    and logits. Kept in the folder and on the run, so a pulled copy can be checked against what export saw."""
+    import torch
+
+    texts = probe_texts(tokenizer, system)
+    with torch.no_grad():
+        last = model(**probe_inputs(tokenizer, system)).logits.float()[:, -1, :]
+    top = last.topk(min(TOP_K, last.shape[-1]), dim=-1)
+    return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "texts": texts,
+            "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()}
+
+
+def check_probe_logits(folder: Path, tolerance: float | None = None) -> float:
+    """Load a merged folder with transformers alone and return max |logit − logged logit| over the recorded top-k
+    of every probe prompt; raise StageError above ``tolerance`` (default: 1e-4 in fp32, 5e-2 in bf16) or when the
+    folder has no record."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(folder) / PROBE_FILE
+    if not path.is_file():
+        raise cli.StageError(f"{folder} has no {PROBE_FILE}; only folders written by `make export` can be checked")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    tolerance = tolerance if tolerance is not None else (1e-4 if record["dtype"] == "float32" else 5e-2)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, record["dtype"])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(record["texts"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        last = model(**batch).logits.float()[:, -1, :]
+    got = last.gather(1, torch.tensor(record["top_ids"]))
+    diff = float((got - torch.tensor(record["top_logits"])).abs().max())
+    if diff > tolerance:
+        raise cli.StageError(f"{folder}: logits differ from those logged at export by {diff:.3g} > {tolerance:g}; "
+                             f"the folder is not the exported model (or was loaded in another dtype)")
+    return diff
 
 
 def _merge(r: Resolved, adapter: Path) -> tuple[Any, Any, float]:

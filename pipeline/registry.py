@@ -2,7 +2,9 @@
 registered model as a plain folder (a merged model loads with transformers, an adapter with PEFT).
 
 ``python -m pipeline.registry promote --model NAME --version N [--alias champion] [--force]``
-``python -m pipeline.registry pull --model NAME@ALIAS|NAME/VERSION --dest DIR [--overwrite]``
+``python -m pipeline.registry pull --model NAME@ALIAS|NAME/VERSION --dest DIR [--overwrite] [--verify] [--hw NAME]
+[--set model=…]``: an adapter must belong to the configured base (export's model for that profile); ``--verify``
+loads a merged folder with transformers and checks its logits against those logged at export.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cli import StageError, setup_logging
+from pipeline.cli import StageError, add_common, setup_logging
+from pipeline.config import ConfigError, parse_overrides, resolve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION")
     q.add_argument("--dest", required=True)
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--verify", action="store_true", help="load a merged model and compare its logits with export's")
+    add_common(q)
     args = parser.parse_args(argv)
     setup_logging()
     from pipeline import tracking
@@ -34,11 +39,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "promote":
             print(tracking.promote(args.model, args.version, args.alias, args.force))
         else:
-            print(f"pulled {args.model} into {tracking.pull(args.model, Path(args.dest), args.overwrite)}")
+            pull(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def pull(args: argparse.Namespace) -> None:
+    from pipeline import export, tracking
+    from pipeline.align import same_base
+
+    r = resolve("export", hw=args.hw, overrides=parse_overrides(args.set, args.overrides))
+    base = f"{r.model.hub_id or r.model.name} (model {r.model.name}, HW={r.hw.name})"
+    dest = tracking.pull(args.model, Path(args.dest), args.overwrite, base=base,
+                         same_base=lambda recorded: same_base(recorded, r))
+    print(f"pulled {args.model} into {dest}")
+    if args.verify:
+        if (dest / "adapter_config.json").exists():
+            raise StageError(f"{args.model} is an adapter: --verify checks merged models (load it with PEFT instead)")
+        print(f"verified: max |logit − logged at export| = {export.check_probe_logits(dest):.2e}")
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -497,8 +498,10 @@ def promote(name: str, version: str, alias: str, force: bool = False) -> str:
     return f"models:/{name}@{alias} → version {mv.version} (eval.gate {gate or 'not evaluated'})"
 
 
-def pull(ref: str, dest: Path, overwrite: bool = False) -> Path:
-    """A registered model as a plain folder: a merged model loads with transformers, an adapter with PEFT."""
+def pull(ref: str, dest: Path, overwrite: bool = False, *, base: str = "",
+         same_base: Callable[[str], bool] | None = None) -> Path:
+    """A registered model as a plain folder: a merged model loads with transformers, an adapter with PEFT. An adapter
+    whose recorded base fails ``same_base`` (the configured base, named ``base``) is refused before DEST is touched."""
     import shutil
 
     import mlflow
@@ -511,11 +514,128 @@ def pull(ref: str, dest: Path, overwrite: bool = False) -> Path:
         raise StageError(f"{dest} is not empty; pass OVERWRITE=1 to replace it")
     with tempfile.TemporaryDirectory(prefix="zh-align-pull-") as tmp:
         root = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=tmp))
-        found = [p.parent for p in root.rglob("adapter_config.json")] or \
-            [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+        adapters = [p.parent for p in root.rglob("adapter_config.json")]
+        recorded = mv.tags.get("base_model", "")
+        if adapters and same_base is not None and not same_base(recorded):
+            raise StageError(f"{mv.name}/{mv.version} is an adapter of base {recorded!r}, but the configured base is "
+                             f"{base}; pick the profile or model it was trained for (HW=…, SET=\"model=…\")")
+        found = adapters or [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
         if not found:
             raise StageError(f"{ref} holds neither an adapter nor a merged model")
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(found[0], dest)
     return dest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline: stages as child runs of one parent run (MLflow's multistep pattern)
+# ----------------------------------------------------------------------------------------------------------------
+def run_entry_point(entry_point: str, parameters: Mapping[str, str], *, experiment_id: str | None = None,
+                    run_name: str | None = None) -> tuple[str, str]:
+    """Run an MLproject entry point through MLflow and wait for it: (run id, final status). Inside an active run the
+    new run is its child (MLflow's multistep pattern) in the same experiment. MLflow marks a run whose process died
+    before closing it (a crash, a kill) FAILED."""
+    import mlflow
+    from mlflow.exceptions import ExecutionException
+
+    mlflow.set_tracking_uri(tracking_uri())
+    parent = mlflow.active_run()
+    experiment_id = experiment_id or (parent.info.experiment_id if parent else None)
+    here = str(Path(sys.executable).parent)  # the entry point's `python` is this interpreter, venv or not
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+    try:
+        submitted = mlflow.projects.run(str(ROOT), entry_point, parameters=dict(parameters), env_manager="local",
+                                        experiment_id=experiment_id, run_name=run_name, synchronous=True)
+        run_id = submitted.run_id
+    except ExecutionException as err:
+        found = re.search(r"ID '([0-9a-f]+)'", str(err))
+        if not found:
+            raise
+        run_id = found.group(1)
+    return run_id, mlflow.MlflowClient().get_run(run_id).info.status
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    import mlflow
+
+    return dict(mlflow.MlflowClient(tracking_uri()).get_run(run_id).data.tags)
+
+
+def child_metrics(run_id: str, prefixes: Iterable[str], prefix: str) -> dict[str, float]:
+    """A run's latest metrics whose names start with one of ``prefixes``, renamed ``prefix + name``."""
+    import mlflow
+
+    metrics = mlflow.MlflowClient(tracking_uri()).get_run(run_id).data.metrics
+    return {prefix + k: v for k, v in metrics.items() if k.startswith(tuple(prefixes))}
+
+
+def chain_summary(ids: Mapping[str, str]) -> dict[str, Any]:
+    """What each child run made: status, seconds, registered versions with their aliases; the evaluation's scores,
+    deltas against the base and its forgetting gate."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    children, evaluation, gate = {}, {}, None
+    for stage, run_id in ids.items():
+        run = client.get_run(run_id)
+        registered = []
+        for mv in sorted(client.search_model_versions(f"run_id = '{run_id}'"), key=lambda v: int(v.version)):
+            aliases = client.get_registered_model(mv.name).aliases
+            registered.append(f"{mv.name}/{mv.version}" + "".join(f"@{a}" for a, v in sorted(aliases.items())
+                                                                   if str(v) == str(mv.version)))
+        end = run.info.end_time or run.info.start_time
+        children[stage] = {"run_id": run_id, "status": run.info.status, "seconds": (end - run.info.start_time) / 1000,
+                           "registered": registered}
+        if stage == "evaluate":
+            m = run.data.metrics
+            evaluation = {k.removeprefix("eval/"): {"tuned": v, "delta": m.get("delta/" + k.removeprefix("eval/"))}
+                          for k, v in sorted(m.items()) if k.startswith("eval/") and "delta/" + k[5:] in m}
+            gate = run.data.tags.get("eval.gate")
+    experiment = client.get_experiment(run.info.experiment_id).name if ids else experiment_name()
+    return {"tracking_uri": tracking_uri(), "experiment": experiment, "children": children,
+            "eval": evaluation, "gate": gate}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Re-running a finished run: what it logged, and fingerprints of what it made
+# ----------------------------------------------------------------------------------------------------------------
+def get_run(run_id: str) -> Any:
+    """The run (info, data.params/tags/metrics); an unknown id is a StageError naming the store."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.cli import StageError
+
+    try:
+        return mlflow.MlflowClient(tracking_uri()).get_run(run_id)
+    except MlflowException as err:
+        raise StageError(f"run {run_id!r} is not in {tracking_uri()}; copy the id from `mlflow ui` (or set "
+                         f"MLFLOW_TRACKING_URI to the store that holds it)") from err
+
+
+def run_artifact_text(run_id: str, path: str) -> str:
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="zh-align-artifact-") as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                                    tracking_uri=tracking_uri())
+        return Path(local).read_text(encoding="utf-8")
+
+
+def registered_fingerprints(run_id: str) -> dict[str, dict[str, str]]:
+    """For each model version a run registered (``name/version``): the sha256 of each weights file
+    (``*.safetensors``) it holds, by file name."""
+    import hashlib
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    found: dict[str, dict[str, str]] = {}
+    for mv in client.search_model_versions(f"run_id = '{run_id}'"):
+        with tempfile.TemporaryDirectory(prefix="zh-align-fingerprint-") as tmp:
+            root = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=tmp))
+            found[f"{mv.name}/{mv.version}"] = {
+                p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.safetensors"))}
+    return found

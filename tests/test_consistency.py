@@ -28,8 +28,8 @@ def _make_targets() -> dict[str, str]:
     return dict(re.findall(r"^([a-z-]+):.*?## (.+)$", MAKEFILE, flags=re.M))
 
 
-def test_every_stage_and_plan_is_an_entry_point_with_a_module():
-    assert set(ENTRY_POINTS) == {*C.STAGES, "plan"}
+def test_every_stage_plan_and_pipeline_is_an_entry_point_with_a_module():
+    assert set(ENTRY_POINTS) == {*C.STAGES, "plan", "pipeline"}
     for name in ENTRY_POINTS:
         assert callable(importlib.import_module(f"pipeline.{name}").main)
         assert (ROOT / "pipeline" / f"{name}.py").is_file()
@@ -53,7 +53,9 @@ def test_parameters_are_launch_choices_whose_defaults_match_the_cli():
         params = ep["parameters"]
         assert "default" not in params["hw"], f"{name}: hw has no default in MLproject (the Makefile's HW names it)"
         assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss", "accel"}
-        if name != "plan":
+        if name == "pipeline":  # no config of its own: it routes overrides to the stages' configs, as plan does
+            assert {"hw", "dry_run", "overrides", "loss", "accel"} == set(params)
+        elif name != "plan":
             assert {"config", "hw", "dry_run", "overrides"} <= set(params)
             assert params["dry_run"]["default"] == "true"
             parser = importlib.import_module("pipeline.cli").make_parser(name)
@@ -69,8 +71,8 @@ def test_makefile_declares_the_variables_and_targets():
         assert re.search(rf"^{var} \?={' ' + default if default else ''}$", MAKEFILE, re.M), var
     assert ".DEFAULT_GOAL := help" in MAKEFILE
     targets = _make_targets()
-    required = {"setup", "plan", "prepare", "data", "sft", "align", "orpo", "dpo", "evaluate", "eval", "export", "ui",
-                "test", "lint", "clean", "help"}
+    required = {"demo", "setup", "plan", "pipeline", "rerun", "prepare", "data", "sft", "align", "orpo", "dpo",
+                "evaluate", "eval", "export", "promote", "pull", "ui", "screenshots", "test", "lint", "clean", "help"}
     assert required <= set(targets)
     phony = set(re.search(r"^\.PHONY: (.+)$", MAKEFILE, re.M).group(1).split())
     assert set(targets) <= phony

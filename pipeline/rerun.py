@@ -1,0 +1,220 @@
+"""rerun: `make rerun RUN_ID=…` — run a finished stage run again from what it logged, and say whether it came out the
+same.
+
+``python -m pipeline.rerun --run-id ID [--dry-run]``. From the run's ``resolved_config.yaml``:
+- the stage config is written to ``outputs/rerun/<id>/<stage>.yaml``, its ``output_dir`` moved to
+  ``outputs/rerun/<id>/out`` (the original outputs are neither overwritten nor resumed from);
+- the hardware profile is re-applied as ``hw.*`` overrides where the profile file has changed since;
+- the model definition must be unchanged (else refused, naming the keys);
+- registered versions get the alias ``rerun``, not the original's (``candidate`` stays where it is);
+- a start point that was an alias is pinned to the version the run used (the alias may have moved since);
+- sft and align refuse when the pool no longer has the sha256 the run trained on (``data.sha256``).
+The rerun is a new run in the same experiment, tagged ``rerun_of``. Then it reports, and tags the new run with, whether
+the data manifest digest (prepare), the pool digest (sft, align), the registered weights (sft, align, export: sha256
+of each safetensors file) and the scores (evaluate) are identical. On CPU with the tiny model every stage is
+deterministic, so anything but "identical" there is a finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.cli import StageError, setup_logging
+from pipeline.config import ROOT, STAGES, load_model, load_profile
+from pipeline.plan import _yaml_value
+
+# Start points that may be given as a moving alias, and the run tag holding the exact source the run used.
+RERUN_ALIAS = "rerun"
+RERUN_DIR = ROOT / "outputs" / "rerun"
+PINNED = {"align": ("start_from", "start_from"), "evaluate": ("adapter", "eval.target"), "export": ("adapter", "adapter")}
+
+
+@dataclass
+class Rerun:
+    """What to launch: the stage, the config file written for it, overrides, and what the original run logged."""
+    run_id: str
+    stage: str
+    hw: str
+    config_file: Path
+    overrides: list[tuple[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def parameters(self) -> dict[str, str]:
+        params = {"config": _shown(self.config_file), "hw": self.hw, "dry_run": "false",
+                  "overrides": " ".join(shlex.quote(f"{k}={_yaml_value(v)}") for k, v in self.overrides)}
+        if self.stage in ("sft", "align"):
+            params["accel"] = ""
+        if self.stage == "align":
+            params["loss"] = ""
+        return params
+
+
+def _shown(path: Path) -> str:
+    """A path as configs take it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
+    """Check the run can be re-run as it was and write its config; raise StageError saying why not."""
+    from pipeline import tracking
+
+    run = tracking.get_run(run_id)
+    stage, status = run.data.tags.get("stage"), run.info.status
+    if stage not in STAGES:
+        children = {k.removeprefix("child."): v for k, v in run.data.tags.items() if k.startswith("child.")}
+        hint = f"; re-run its children: {', '.join(f'{s} {i}' for s, i in children.items())}" if children else ""
+        raise StageError(f"run {run_id} is a {stage or 'untagged'} run; only stage runs ({', '.join(STAGES)}) can be "
+                         f"re-run{hint}")
+    if status != "FINISHED":
+        raise StageError(f"run {run_id} ({stage}) is {status}; only FINISHED runs are re-run (resume a failed "
+                         f"training run with `SET=train.resume=auto`)")
+    logged = yaml.safe_load(tracking.run_artifact_text(run_id, "resolved_config.yaml"))
+    cfg, notes = dict(logged["config"]), []
+    folder = out / run_id
+    cfg["output_dir"] = _shown(folder / "out")
+    if "register" in cfg:  # a new version, but the aliases users rely on (candidate, champion) stay where they are
+        cfg["register"] = {**cfg["register"], "alias": RERUN_ALIAS}
+        notes.append(f"registers a new version of {cfg['register']['name']} with alias @{RERUN_ALIAS}")
+    if stage in PINNED:
+        key, tag = PINNED[stage]
+        used = run.data.tags.get(tag, "")
+        if used.startswith("models:/"):
+            cfg[key] = used.removeprefix("models:/")
+            notes.append(f"{key} pinned to {cfg[key]} (the version the run used)")
+    _check_model(logged["model"], cfg["model"])
+    overrides = _profile_overrides(logged["hw"], notes)
+    if stage in ("sft", "align"):
+        _check_pool(cfg["data"], "sft" if stage == "sft" else "pref", run.data.params.get("data.sha256", ""), run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = folder / f"{stage}.yaml"
+    config_file.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return Rerun(run_id, stage, logged["hw"]["name"], config_file, overrides, notes)
+
+
+def _check_model(logged: dict[str, Any], name: str) -> None:
+    now = {k: v for k, v in dataclasses.asdict(load_model(name)).items() if k != "source_file"}
+    changed = sorted(k for k in set(now) | set(logged) if now.get(k) != logged.get(k))
+    if changed:
+        raise StageError(f"the model definition {name} has changed since the run ({', '.join(changed)}); a rerun "
+                         f"would train a different model — restore configs/models/{name}.yaml (git log shows when)")
+
+
+def _profile_overrides(logged: dict[str, Any], notes: list[str]) -> list[tuple[str, Any]]:
+    now = {k: v for k, v in dataclasses.asdict(load_profile(logged["name"])).items() if k != "source_file"}
+    changed = [(k, logged[k]) for k in logged if k != "name" and now.get(k) != logged[k]]
+    if changed:
+        notes.append("profile " + logged["name"] + " changed since; re-applied as logged: "
+                     + ", ".join(f"{k}={v}" for k, v in changed))
+    return [(f"hw.{k}", v) for k, v in changed]
+
+
+def _check_pool(data: dict[str, Any], kind: str, digest: str, run_id: str) -> None:
+    from pipeline.config import DataRef
+    from pipeline.train import pool_folder
+
+    folder, _ = pool_folder(DataRef(**data))
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    now = manifest["outputs"][f"{kind}.jsonl"]["sha256"]
+    if now != digest:
+        source = f"prepare run {data['run_id']}" if data.get("run_id") else f"`data.path` {data.get('path')}"
+        raise StageError(f"the pool of {source} ({folder / f'{kind}.jsonl'}) now has sha256 {now[:12]}…, but run "
+                         f"{run_id} trained on {digest[:12] or '?'}…; prepare that data again into {folder} (same "
+                         f"config and sources) before re-running")
+
+
+def compare(old_id: str, new_id: str, stage: str) -> dict[str, Any]:
+    """What came out the same: {check: {"identical": bool, "before": …, "after": …}}."""
+    from pipeline import tracking
+
+    old, new = tracking.get_run(old_id), tracking.get_run(new_id)
+    checks: dict[str, Any] = {}
+
+    def check(name: str, before: Any, after: Any) -> None:
+        checks[name] = {"identical": before == after, "before": before, "after": after}
+
+    if stage == "prepare":
+        digest = [hashlib.sha256(tracking.run_artifact_text(i, "data/manifest.json").encode()).hexdigest()
+                  for i in (old_id, new_id)]
+        check("data_manifest", *digest)
+    if stage in ("sft", "align"):
+        check("data_pool", old.data.params.get("data.sha256"), new.data.params.get("data.sha256"))
+    if stage in ("sft", "align", "export"):
+        weights = [sorted(tracking.registered_fingerprints(i).values(), key=json.dumps) for i in (old_id, new_id)]
+        check("weights", *weights)
+    if stage in ("sft", "align"):
+        check("final_loss", old.data.metrics.get("loss"), new.data.metrics.get("loss"))
+    if stage == "evaluate":
+        scores = [{k: v for k, v in sorted(r.data.metrics.items()) if k.startswith(("eval/", "delta/"))}
+                  for r in (old, new)]
+        check("scores", *scores)
+    return checks
+
+
+def report(rerun: Rerun, new_id: str, checks: dict[str, Any]) -> str:
+    lines = [f"rerun of {rerun.stage} run {rerun.run_id} → run {new_id}", *(f"  note: {n}" for n in rerun.notes)]
+    for name, c in checks.items():
+        if c["identical"]:
+            lines.append(f"  {name:<14} identical")
+        else:
+            lines.append(f"  {name:<14} DIFFERENT: {_short(c['before'])} → {_short(c['after'])}")
+    same = all(c["identical"] for c in checks.values())
+    lines.append("  verdict        " + ("identical" if same else "different (see above)"))
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.rerun", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-id", required=True, help="a FINISHED run of prepare, sft, align, evaluate or export")
+    parser.add_argument("--dry-run", action="store_true", help="check and show what would run; launch nothing")
+    parser.add_argument("--out", type=Path, default=RERUN_DIR, help="where <run id>/ goes (default: outputs/rerun)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from pipeline import tracking
+
+    try:
+        rerun = prepare_rerun(args.run_id.strip(), args.out.resolve())
+        params = rerun.parameters()
+        print(f"re-running {rerun.stage} run {rerun.run_id}: mlflow run . -e {rerun.stage} "
+              + " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in params.items()))
+        for note in rerun.notes:
+            print(f"  note: {note}")
+        if args.dry_run:
+            return 0
+        experiment = tracking.get_run(rerun.run_id).info.experiment_id
+        new_id, status = tracking.run_entry_point(rerun.stage, params, experiment_id=experiment,
+                                                 run_name=f"{rerun.stage}-{rerun.hw}-rerun")
+        if status != "FINISHED":
+            raise StageError(f"the rerun {new_id} ended {status}: "
+                             f"{tracking.run_tags(new_id).get('error', 'see its logs/ artifact')}")
+        checks = compare(rerun.run_id, new_id, rerun.stage)
+        tags = {"rerun_of": rerun.run_id, **{f"rerun.{k}": str(c["identical"]).lower() for k, c in checks.items()}}
+        record = rerun.config_file.with_name("rerun.json")
+        record.write_text(json.dumps({"rerun_of": rerun.run_id, "run_id": new_id, "notes": rerun.notes,
+                                      "checks": checks}, ensure_ascii=False, indent=2), encoding="utf-8")
+        tracking.log_to_run(new_id, {}, tags, [record], "rerun")
+        print(report(rerun, new_id, checks))
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The whole chain on the tiny model: prepare → sft → orpo → evaluate → export as five FINISHED child runs of one
+parent, linked by run id; the merged model pulled from the registry gives the logits logged at export; a re-run of a
+finished run comes out identical; and the errors of pull and rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import pytest
+
+from pipeline import export, registry, rerun
+from pipeline import pipeline as chain_stage
+from pipeline.config import STAGES, ConfigError, parse_overrides
+
+FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.max_steps=3", "train.logging_steps=1", "train.eval_steps=100",
+        "train.save_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def chained(module_store):
+    """One real pipeline run, its children launched through `mlflow run`, everything under this module's tmp folder."""
+    tmp = module_store
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)  # the experiment's artifact root (./mlruns) lands here, not in the repository
+    mp.setenv("ZH_ALIGN_EVAL_CACHE", str(tmp / "eval-base"))
+    outputs = [f"{s}.output_dir={tmp / 'out' / s}" for s in STAGES]
+    c = chain_stage.chain("cpu", parse_overrides([*FAST, *outputs]), "orpo")
+    result = chain_stage.run(c)
+    yield {"tmp": tmp, "result": result, "client": mlflow.MlflowClient()}
+    mp.undo()
+
+
+def test_five_finished_children_of_one_parent_linked_by_run_id(chained):
+    client, result = chained["client"], chained["result"]
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "pipeline"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    by_stage = {run.data.tags["stage"]: run for run in children}
+    assert sorted(by_stage) == sorted(STAGES) and len(children) == 5
+    assert all(run.info.status == "FINISHED" for run in children)
+    ids = {s: by_stage[s].info.run_id for s in STAGES}
+    assert {s: parent.data.tags[f"child.{s}"] for s in STAGES} == ids
+    assert by_stage["sft"].data.params["data.run_id"] == ids["prepare"]
+    assert by_stage["align"].data.params["data.run_id"] == ids["prepare"]
+    assert by_stage["align"].data.tags["start_from.run_id"] == ids["sft"]
+    assert by_stage["evaluate"].data.tags["eval.target_run_id"] == ids["align"]
+    merged = client.get_model_version_by_alias("zh-align-merged", "candidate")
+    assert merged.run_id == ids["export"]
+    orpo = client.get_model_version(*merged.tags["adapter"].removeprefix("models:/").split("/"))
+    assert orpo.run_id == ids["align"] and orpo.tags["eval.gate"] in ("pass", "fail")
+    assert merged.tags["data.run_id"] == ids["prepare"] and merged.tags["eval.gate"] == orpo.tags["eval.gate"]
+
+
+def test_the_parent_carries_the_children_metrics_and_a_summary(chained):
+    client, result = chained["client"], chained["result"]
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["prepare/rows.sft"] > 0 and metrics["sft/wall_seconds"] > 0
+    assert {"sft/loss", "align/loss", "evaluate/eval/zh_smoke/acc", "evaluate/delta/zh_smoke/acc",
+            "export/merge.max_abs_logit_diff"} <= set(metrics)
+    summary = result.summary
+    assert [c["status"] for c in summary["children"].values()] == ["FINISHED"] * 5
+    assert summary["children"]["export"]["registered"][0].startswith("zh-align-merged/")
+    assert set(summary["eval"]) == {"zh_smoke/acc", "zh_smoke/acc_norm"}
+    text = chain_stage.describe(result)
+    assert "make pull MODEL=zh-align-merged@candidate" in text and "forgetting gate" in text
+
+
+def test_pull_of_the_merged_model_reproduces_the_logits_logged_at_export(chained, capsys):
+    dest = chained["tmp"] / "pulled"
+    assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest), "--hw", "cpu",
+                          "--verify"]) == 0
+    assert "verified: max |logit − logged at export|" in capsys.readouterr().out
+    assert export.check_probe_logits(dest) <= 1e-5
+    record = json.loads((dest / export.PROBE_FILE).read_text(encoding="utf-8"))
+    assert any("你" in t for t in record["texts"]) and len(record["top_ids"][0]) == export.TOP_K
+    record["top_logits"][0][0] += 1.0  # a folder that is not the exported model is caught
+    (dest / export.PROBE_FILE).write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(export.cli.StageError, match="differ from those logged at export"):
+        export.check_probe_logits(dest)
+
+
+def test_pull_refuses_an_adapter_of_another_base_naming_both(chained, capsys):
+    dest = chained["tmp"] / "pulled-adapter"
+    assert registry.main(["pull", "--model", "zh-align-sft@candidate", "--dest", str(dest), "--hw", "4090"]) == 1
+    err = capsys.readouterr().err
+    assert "adapter of base 'tiny-qwen2'" in err and "Qwen/Qwen2.5-7B-Instruct" in err
+    assert not dest.exists()  # refused before anything was written
+    assert registry.main(["pull", "--model", "zh-align-sft@candidate", "--dest", str(dest), "--hw", "cpu"]) == 0
+    assert (dest / "adapter_config.json").is_file()
+
+
+def test_rerun_of_the_sft_child_gives_the_identical_adapter(chained, capsys):
+    sft_id = chained["result"].children["sft"]
+    assert rerun.main(["--run-id", sft_id, "--out", str(chained["tmp"] / "rerun")]) == 0
+    out = capsys.readouterr().out
+    assert "weights        identical" in out and "data_pool      identical" in out and "verdict        identical" in out
+    client = chained["client"]
+    (new,) = client.search_runs([client.get_run(sft_id).info.experiment_id],
+                                filter_string=f"tags.rerun_of = '{sft_id}'")
+    assert new.data.tags["rerun.weights"] == "true" and new.info.status == "FINISHED"
+    assert client.get_model_version_by_alias("zh-align-sft", "rerun").run_id == new.info.run_id
+    assert client.get_model_version_by_alias("zh-align-sft", "candidate").run_id == sft_id  # candidate stays
+
+
+def test_rerun_refuses_a_pipeline_run_and_a_changed_pool(chained, capsys):
+    result = chained["result"]
+    out = ["--out", str(chained["tmp"] / "rerun")]
+    assert rerun.main(["--run-id", result.run_id, "--dry-run", *out]) == 1
+    assert f"re-run its children: prepare {result.children['prepare']}" in capsys.readouterr().err
+    pool = chained["tmp"] / "out" / "prepare" / "pref.jsonl"
+    original = pool.read_bytes()
+    try:
+        pool.write_bytes(original + b"\n")
+        manifest = pool.with_name("manifest.json")
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        saved = m["outputs"]["pref.jsonl"]["sha256"]
+        m["outputs"]["pref.jsonl"]["sha256"] = "0" * 64
+        manifest.write_text(json.dumps(m), encoding="utf-8")
+        assert rerun.main(["--run-id", result.children["align"], "--dry-run", *out]) == 1
+        err = capsys.readouterr().err
+        assert "now has sha256 000000000000…" in err and f"trained on {saved[:12]}" in err
+    finally:
+        pool.write_bytes(original)
+        m["outputs"]["pref.jsonl"]["sha256"] = saved
+        manifest.write_text(json.dumps(m), encoding="utf-8")
+
+
+def test_dry_run_prints_every_stage_with_the_links_and_a_bad_key_stops_it(capsys):
+    assert chain_stage.main(["--hw", "cpu", "--loss", "dpo"]) == 0
+    page = capsys.readouterr().out
+    assert [line.split()[1] for line in page.splitlines() if line.startswith("━━")] == ["pipeline", *STAGES]
+    assert "align ← data.run_id=prepare, start_from=sft" in page and "LOSS=dpo" in page
+    assert "start_from: <run id of the sft child>" in page
+    assert chain_stage.main(["--hw", "cpu", "--set", "sft.lora.rr=8"]) == 2
+    assert "`lora.rr`" in capsys.readouterr().err
+
+
+def test_children_get_their_links_and_launch_choices():
+    c = chain_stage.chain("cpu", [("train.max_steps", 3)], "dpo", accel="ddp")
+    ids = {"prepare": "p1", "sft": "s1", "align": "a1"}
+    align = c.parameters("align", ids)
+    assert align["loss"] == "dpo" and align["accel"] == "ddp" and align["dry_run"] == "false"
+    assert align["overrides"].split() == ["train.max_steps=3", "data.run_id=p1", "start_from=s1"]
+    assert c.parameters("export", ids)["overrides"] == "adapter=a1" and "accel" not in c.parameters("export", ids)
+    with pytest.raises(ConfigError, match="no stage has a key `lora_r`"):
+        chain_stage.chain("cpu", [("lora_r", 8)], None)
+    assert os.environ.get("MLFLOW_RUN_ID") is None
+
+
+def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_store, tmp_path):
+    c = chain_stage.chain("cpu", parse_overrides([f"prepare.output_dir={tmp_path / 'data'}",
+                                                  "prepare.filters.min_chars=100000"]), None)
+    with pytest.raises(chain_stage.cli.StageError, match=r"stage prepare failed \(child run [0-9a-f]{32}, FAILED\)"):
+        chain_stage.run(c)
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("zh-align-test").experiment_id])
+    parent = next(r for r in runs if r.data.tags["stage"] == "pipeline")
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FAILED" and child.info.status == "FAILED"
+    assert child.data.tags["stage"] == "prepare" and child.info.run_id in parent.data.tags["error"]
+    assert "sft" not in {r.data.tags["stage"] for r in runs}  # nothing after the failed stage started
