@@ -19,6 +19,7 @@ FORCE ?=
 OVERWRITE ?=
 VERIFY ?=
 RUN_ID ?=
+RESUME ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
@@ -74,11 +75,11 @@ plan: $(STAMP) ## the plans of all five stages on one page, kept as a run in the
 	mlflow run . -e plan --env-manager $(ENV_MANAGER) --experiment-name '$(EXPERIMENT)' \
 	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides='$(SET)'
 
-pipeline: $(STAMP) ## prepare → sft → align → evaluate → export as child runs of one parent run (LOSS=orpo|dpo)
+pipeline: $(STAMP) ## prepare → sft → align → evaluate → export as child runs of one parent run (LOSS=orpo|dpo, RESUME=run id)
 	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' --dry-run true > /dev/null
 	mlflow run . -e pipeline --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
 	  --run-name 'pipeline-$(HW)-$(LOSS)' \
-	  -P hw='$(HW)' -P dry_run=$(DRY) -P loss='$(LOSS)' -P overrides='$(SET)' -P accel='$(ACCEL)'
+	  -P hw='$(HW)' -P dry_run=$(DRY) -P loss='$(LOSS)' -P overrides='$(SET)' -P accel='$(ACCEL)' -P resume='$(RESUME)'
 
 prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preference pools + data card
 	$(call stage,prepare)

@@ -1,13 +1,16 @@
 """pipeline: prepare → sft → align → evaluate → export as child runs of one parent run (MLflow's multistep pattern).
 
-``python -m pipeline.pipeline --hw NAME [--loss orpo|dpo] [--accel NAME] [--set key=value]... [--dry-run true|false]``
+``python -m pipeline.pipeline --hw NAME [--loss orpo|dpo] [--accel NAME] [--resume RUN_ID] [--set key=value]...
+[--dry-run true|false]``
 Each stage is its own ``mlflow run`` entry point, started as a child of this run, and takes the previous stages'
 outputs by run id: sft and align read the pool of the prepare child (``data.run_id``), align starts from the sft
 child's adapter (``start_from``), evaluate and export take the align child's adapter (``adapter``). Overrides are
 routed as in ``make plan``: ``model=…`` or ``hw.micro_batch=1`` reach every stage that has the key, ``sft.lora.r=8``
 only sft. Every stage's config is checked before the first child starts. A dry run (the default) prints the whole
 chain's plan. The parent run carries the children's run ids (tags ``child.<stage>``), their key metrics
-(``<stage>/…``) and ``summary.json``; the summary is printed at the end.
+(``<stage>/…``) and ``summary.json``; the summary is printed at the end. ``--resume RUN_ID`` (an earlier pipeline
+run, typically a failed one) reuses each of its FINISHED children that would be launched with exactly the same
+parameters (overrides and upstream run ids) from the same git commit, and runs the rest.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Chain:
     accel: str
     resolved: list[Resolved]
     overrides: dict[str, list[tuple[str, Any]]]
+    resume: str = ""            # an earlier pipeline run whose FINISHED children are reused where nothing changed
 
     def linked(self, stage: str, ids: dict[str, str]) -> list[tuple[str, Any]]:
         """The stage's overrides plus its links to the run ids of the stages before it."""
@@ -62,13 +66,13 @@ class Chain:
         return params
 
 
-def chain(hw: str, overrides: list[tuple[str, Any]], loss: str | None, accel: str = "") -> Chain:
+def chain(hw: str, overrides: list[tuple[str, Any]], loss: str | None, accel: str = "", resume: str = "") -> Chain:
     """Resolve every stage with the links in place (placeholders for the run ids), so a bad key in any stage stops the
     chain before its first child starts."""
     per_stage = split_overrides(overrides)
     placeholders = {s: f"<run id of the {s} child>" for s in STAGES}
     linked = [(k, v) for s in STAGES for k, v in [(f"{s}.{key}", placeholders[src]) for key, src in LINKS[s].items()]]
-    return Chain(hw, loss, accel, plan_all(hw, [*overrides, *linked], loss), per_stage)
+    return Chain(hw, loss, accel, plan_all(hw, [*overrides, *linked], loss), per_stage, resume.strip())
 
 
 def page(c: Chain) -> str:
@@ -99,12 +103,24 @@ def run(c: Chain) -> PipelineResult:
     first = c.resolved[0]
     configs = {"pipeline": {"loss": c.loss or "orpo", "accel": c.accel}, **{r.stage: r.as_dict() for r in c.resolved}}
     ids: dict[str, str] = {}
-    with tracking.start_run(STAGE, configs, hw=c.hw, model=first.model.name) as parent:
+    earlier = tracking.pipeline_children(c.resume) if c.resume else {}
+    reused: list[str] = []
+    with tracking.start_run(STAGE, configs, hw=c.hw, model=first.model.name,
+                            tags={"resumed_from": c.resume} if c.resume else None) as parent:
         tracking.log_text(page(c), "plan.txt")
         for stage in STAGES:
             started = time.monotonic()
-            cli.log.info("pipeline: starting %s", stage)
-            run_id, status = tracking.run_entry_point(stage, c.parameters(stage, ids), run_name=f"{stage}-{c.hw}")
+            params = c.parameters(stage, ids)
+            same = reusable(earlier.get(stage), params)
+            if same:
+                cli.log.info("pipeline: %s unchanged since run %s (same parameters, code and inputs): reused", stage,
+                             same)
+                run_id, status = same, "FINISHED"
+                reused.append(stage)
+                tracking.set_tags({f"reused.{stage}": "true"})
+            else:
+                cli.log.info("pipeline: starting %s", stage)
+                run_id, status = tracking.run_entry_point(stage, params, run_name=f"{stage}-{c.hw}")
             ids[stage] = run_id
             tracking.set_tags({f"child.{stage}": run_id})
             tracking.log_metrics({f"{stage}/wall_seconds": time.monotonic() - started})
@@ -116,11 +132,29 @@ def run(c: Chain) -> PipelineResult:
                                      f"run ids ({', '.join(f'{k}=<{v} id>' for k, v in LINKS[stage].items())}) or "
                                      f"the whole pipeline again")
             tracking.log_metrics(tracking.child_metrics(run_id, KEY_METRICS[stage], prefix=f"{stage}/"))
-        summary = tracking.chain_summary(ids)
+        summary = {**tracking.chain_summary(ids), "hw": c.hw, "loss": c.loss or "orpo", "reused": reused}
         tracking.log_dict(summary, "summary.json")
     result = PipelineResult(parent.info.run_id if parent else None, ids, summary)
     print(describe(result))
     return result
+
+
+def reusable(child: dict[str, Any] | None, params: dict[str, str]) -> str | None:
+    """The id of an earlier child that can stand in for this stage: FINISHED, launched with exactly these parameters
+    (so its upstream links are the same runs) from the same git commit."""
+    from pipeline import tracking
+
+    if not child or child["status"] != "FINISHED":
+        return None
+    if any(_words(child["params"].get(k, "")) != _words(v) for k, v in params.items()):
+        return None
+    return child["run_id"] if child["git_sha"] == tracking.git_state()["git.sha"] else None
+
+
+def _words(value: str) -> list[str]:
+    """A parameter as shell words; MLflow logs a project parameter as it quoted it for the command ('' for empty)."""
+    words = shlex.split(value)
+    return _words(words[0]) if len(words) == 1 and words[0] != value else words
 
 
 def describe(result: PipelineResult) -> str:
@@ -129,19 +163,23 @@ def describe(result: PipelineResult) -> str:
     lines = [f"pipeline run {result.run_id} ({s.get('experiment', '?')}, {s.get('tracking_uri', '?')})"]
     for stage, child in s.get("children", {}).items():
         made = ", ".join(child["registered"]) or "-"
+        again = "  (reused from the resumed run)" if stage in s.get("reused", []) else ""
         lines.append(f"  {stage:<9} {child['run_id']}  {child['status']:<8}  {child['seconds']:>6.1f} s  registered: "
-                     f"{made}")
+                     f"{made}{again}")
     if s.get("eval"):
         lines.append("  eval (tuned, Δ vs base): " + ", ".join(f"{k} {v['tuned']:.3f} ({v['delta']:+.3f})"
                                                            for k, v in s["eval"].items()))
     if s.get("gate"):
         lines.append(f"  forgetting gate: {s['gate']}")
     merged = next((m.split("@")[0] for m in s.get("children", {}).get("export", {}).get("registered", [])), None)
-    lines += ["next", "  make ui                  → http://127.0.0.1:5000: the parent run and its children, the registered "
-              "models (Models tab)"]
+    runs = f"#/experiments/{s['experiment_id']}/runs?workflowType=machine_learning" if s.get("experiment_id") else ""
+    lines += ["next", f"  make ui   then open http://127.0.0.1:5000/{runs} : this run expands to its five children; "
+                      "Model registry lists the versions with their aliases and lineage tags"]
     if merged:
         name, version = merged.split("/")
-        lines += [f"  make pull MODEL={name}@candidate DEST=outputs/pulled   → a folder transformers loads",
+        hw = f" HW={s['hw']}" if s.get("hw") else ""
+        lines += [f"  make pull MODEL={name}@candidate DEST=outputs/pulled VERIFY=1{hw}   → a folder transformers "
+                  f"loads, its logits checked against export's",
                   f"  make promote MODEL={name} VERSION={version}   → moves @champion there (refused if the gate "
                   f"failed)"]
     return "\n".join(lines)
@@ -154,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the align stage's loss (default: configs/orpo.yaml)")
     parser.add_argument("--accel", default="", metavar="NAME", help="sft and align under `accelerate launch` "
                                                                    "with configs/accelerate/NAME.yaml")
+    parser.add_argument("--resume", default="", metavar="RUN_ID",
+                        help="an earlier pipeline run: its FINISHED children whose parameters and git commit match "
+                             "are reused, the rest run")
     parser.add_argument("--dry-run", type=cli.parse_bool, default=True, metavar="true|false",
                         help="print the whole chain's plan and run nothing (default: true)")
     args = parser.parse_args(argv)
     cli.setup_logging()
     try:
-        c = chain(args.hw, parse_overrides(args.set, args.overrides), args.loss, args.accel)
+        c = chain(args.hw, parse_overrides(args.set, args.overrides), args.loss, args.accel, args.resume)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

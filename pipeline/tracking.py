@@ -563,6 +563,23 @@ def run_tags(run_id: str) -> dict[str, str]:
     return dict(mlflow.MlflowClient(tracking_uri()).get_run(run_id).data.tags)
 
 
+def pipeline_children(run_id: str) -> dict[str, dict[str, Any]]:
+    """The children of an earlier pipeline run, by stage: run id, status, launch parameters, git sha."""
+    from pipeline.cli import StageError
+
+    parent = get_run(run_id)
+    if parent.data.tags.get("stage") != "pipeline":
+        raise StageError(f"--resume {run_id}: that is a {parent.data.tags.get('stage', 'untagged')} run, not a "
+                         f"pipeline run; give the id of a `make pipeline` run")
+    children = {}
+    for stage, child_id in ((k.removeprefix("child."), v) for k, v in parent.data.tags.items()
+                            if k.startswith("child.")):
+        child = get_run(child_id)
+        children[stage] = {"run_id": child_id, "status": child.info.status, "params": dict(child.data.params),
+                           "git_sha": child.data.tags.get("git.sha", "")}
+    return children
+
+
 def child_metrics(run_id: str, prefixes: Iterable[str], prefix: str) -> dict[str, float]:
     """A run's latest metrics whose names start with one of ``prefixes``, renamed ``prefix + name``."""
     import mlflow
@@ -593,8 +610,9 @@ def chain_summary(ids: Mapping[str, str]) -> dict[str, Any]:
             evaluation = {k.removeprefix("eval/"): {"tuned": v, "delta": m.get("delta/" + k.removeprefix("eval/"))}
                           for k, v in sorted(m.items()) if k.startswith("eval/") and "delta/" + k[5:] in m}
             gate = run.data.tags.get("eval.gate")
-    experiment = client.get_experiment(run.info.experiment_id).name if ids else experiment_name()
-    return {"tracking_uri": tracking_uri(), "experiment": experiment, "children": children,
+    experiment = client.get_experiment(run.info.experiment_id) if ids else None
+    return {"tracking_uri": tracking_uri(), "experiment": experiment.name if experiment else experiment_name(),
+            "experiment_id": experiment.experiment_id if experiment else None, "children": children,
             "eval": evaluation, "gate": gate}
 
 

@@ -42,7 +42,7 @@ def test_every_declared_parameter_reaches_the_command_and_the_cli_accepts_it(nam
     placeholders = set(re.findall(r"\{(\w+)\}", ep["command"]))
     assert placeholders == set(params), f"{name}: declared {sorted(params)} but the command uses {sorted(placeholders)}"
     assert not set(params) & TRAINING_ARGS
-    sample = {"config": "", "hw": "cpu", "dry_run": "true", "overrides": "", "loss": "", "accel": ""}
+    sample = {"config": "", "hw": "cpu", "dry_run": "true", "overrides": "", "loss": "", "accel": "", "resume": ""}
     argv = shlex.split(ep["command"].format(**{k: shlex.quote(sample[k]) for k in params}))
     assert argv[:3] == ["python", "-m", f"pipeline.{name}"]
     assert importlib.import_module(f"pipeline.{name}").main(argv[3:]) == 0
@@ -52,9 +52,9 @@ def test_parameters_are_launch_choices_whose_defaults_match_the_cli():
     for name, ep in ENTRY_POINTS.items():
         params = ep["parameters"]
         assert "default" not in params["hw"], f"{name}: hw has no default in MLproject (the Makefile's HW names it)"
-        assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss", "accel"}
+        assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss", "accel", "resume"}
         if name == "pipeline":  # no config of its own: it routes overrides to the stages' configs, as plan does
-            assert {"hw", "dry_run", "overrides", "loss", "accel"} == set(params)
+            assert {"hw", "dry_run", "overrides", "loss", "accel", "resume"} == set(params)
         elif name != "plan":
             assert {"config", "hw", "dry_run", "overrides"} <= set(params)
             assert params["dry_run"]["default"] == "true"

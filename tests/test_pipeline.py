@@ -1,6 +1,6 @@
 """The whole chain on the tiny model: prepare → sft → orpo → evaluate → export as five FINISHED child runs of one
 parent, linked by run id; the merged model pulled from the registry gives the logits logged at export; a re-run of a
-finished run comes out identical; and the errors of pull and rerun."""
+finished run comes out identical; resume reuses unchanged children; and the errors of pull and rerun."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def chained(module_store):
     outputs = [f"{s}.output_dir={tmp / 'out' / s}" for s in STAGES]
     c = chain_stage.chain("cpu", parse_overrides([*FAST, *outputs]), "orpo")
     result = chain_stage.run(c)
-    yield {"tmp": tmp, "result": result, "client": mlflow.MlflowClient()}
+    yield {"tmp": tmp, "result": result, "client": mlflow.MlflowClient(), "overrides": [*FAST, *outputs]}
     mp.undo()
 
 
@@ -162,3 +162,21 @@ def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_sto
     assert parent.info.status == "FAILED" and child.info.status == "FAILED"
     assert child.data.tags["stage"] == "prepare" and child.info.run_id in parent.data.tags["error"]
     assert "sft" not in {r.data.tags["stage"] for r in runs}  # nothing after the failed stage started
+
+
+def test_resume_reuses_the_unchanged_children_and_runs_the_changed_stage(chained, capsys):
+    earlier = chained["result"]
+    c = chain_stage.chain("cpu", parse_overrides([*chained["overrides"], "export.logits_tolerance=1e-3"]), "orpo",
+                          resume=earlier.run_id)
+    again = chain_stage.run(c)
+    assert {s: again.children[s] for s in STAGES[:4]} == {s: earlier.children[s] for s in STAGES[:4]}
+    assert again.children["export"] != earlier.children["export"]
+    client = chained["client"]
+    run = client.get_run(again.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == earlier.run_id
+    assert {k for k in run.data.tags if k.startswith("reused.")} == {f"reused.{s}" for s in STAGES[:4]}
+    assert client.get_run(again.children["export"]).data.params["overrides"].endswith(
+        f"logits_tolerance=1e-3 adapter={earlier.children['align']}'")
+    assert "(reused from the resumed run)" in capsys.readouterr().out
+    with pytest.raises(chain_stage.cli.StageError, match="that is a sft run, not a pipeline run"):
+        chain_stage.run(chain_stage.chain("cpu", [], None, resume=earlier.children["sft"]))
