@@ -230,6 +230,7 @@ class EvaluateConfig:
     mirrors: dict[str, str] = field(default_factory=dict)
     compare_base: bool = True
     gate: GateConfig = field(default_factory=GateConfig)
+    write_back: bool = True              # scores onto the training run and gate tags onto its registered version
     output_dir: str = "outputs/eval/default"
 
 

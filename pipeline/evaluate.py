@@ -36,7 +36,9 @@ def plan(r: Resolved) -> Plan:
                      f"{'the model definition' if cfg.system_prompt else 'none'}, dtype {r.hw.precision}"),
         ("compare", "tuned vs base (forgetting report)" if cfg.compare_base else "tuned only"),
     ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r), base_model_input(r), *mirrors],
-       outputs=[dir_output(cfg.output_dir, "results.json + results.csv + chart")])
+       outputs=[dir_output(cfg.output_dir, "results.json + results.csv + chart"),
+                Item("write-back", "eval/… metrics onto the training run, eval.* tags onto its registered version",
+                     "on" if cfg.write_back else "off (write_back: false)")])
 
 
 BASE_CACHE = ".cache/eval-base"  # or $ZH_ALIGN_EVAL_CACHE
@@ -97,7 +99,8 @@ def run(r: Resolved) -> EvalResult:
                          "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0) + 0.0:.4f}"}
                 tracking.set_tags(extra)
             tracking.log_artifacts(files, "eval")
-            _write_back(target, scores, extra, files)
+            if cfg.write_back:
+                _write_back(target, scores, extra, files)
     return EvalResult(cfg.output_dir, scores, verdict)
 
 

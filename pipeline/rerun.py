@@ -7,6 +7,7 @@ same.
 - the hardware profile is re-applied as ``hw.*`` overrides where the profile file has changed since;
 - the model definition must be unchanged (else refused, naming the keys);
 - registered versions get the alias ``rerun``, not the original's (``candidate`` stays where it is);
+- evaluate does not write its scores back onto the training run (``write_back: false``);
 - a start point that was an alias is pinned to the version the run used (the alias may have moved since);
 - sft and align refuse when the pool no longer has the sha256 the run trained on (``data.sha256``).
 The rerun is a new run in the same experiment, tagged ``rerun_of``. Then it reports, and tags the new run with, whether
@@ -86,6 +87,9 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
     if "register" in cfg:  # a new version, but the aliases users rely on (candidate, champion) stay where they are
         cfg["register"] = {**cfg["register"], "alias": RERUN_ALIAS}
         notes.append(f"registers a new version of {cfg['register']['name']} with alias @{RERUN_ALIAS}")
+    if stage == "evaluate" and cfg.get("write_back"):  # a re-measurement leaves the evaluated runs as they are
+        cfg["write_back"] = False
+        notes.append("write_back off: the training run and its registered version keep their scores")
     if stage in PINNED:
         key, tag = PINNED[stage]
         used = run.data.tags.get(tag, "")

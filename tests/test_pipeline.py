@@ -105,6 +105,16 @@ def test_rerun_of_the_sft_child_gives_the_identical_adapter(chained, capsys):
     assert client.get_model_version_by_alias("zh-align-sft", "candidate").run_id == sft_id  # candidate stays
 
 
+def test_rerun_of_the_evaluate_child_gives_the_same_scores_and_leaves_the_training_run_alone(chained, capsys):
+    client, children = chained["client"], chained["result"].children
+    history = client.get_metric_history(children["align"], "eval/zh_smoke/acc")
+    assert rerun.main(["--run-id", children["evaluate"], "--out", str(chained["tmp"] / "rerun")]) == 0
+    out = capsys.readouterr().out
+    assert "scores         identical" in out and "write_back off" in out
+    assert "adapter pinned to zh-align-orpo/" in out
+    assert len(client.get_metric_history(children["align"], "eval/zh_smoke/acc")) == len(history) == 1
+
+
 def test_rerun_refuses_a_pipeline_run_and_a_changed_pool(chained, capsys):
     result = chained["result"]
     out = ["--out", str(chained["tmp"] / "rerun")]
