@@ -119,7 +119,7 @@ pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRI
 	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' --hw '$(HW)' --overrides '$(SET)' \
 	  $(if $(filter 1,$(OVERWRITE)),--overwrite) $(if $(filter 1,$(VERIFY)),--verify)
 
-rerun: $(STAMP) ## re-run the finished stage run RUN_ID from its logged config and data; reports what came out identical
+rerun: $(STAMP) ## re-run the finished stage or pipeline run RUN_ID from what it logged; reports what came out identical
 	$(PY) -m pipeline.rerun --run-id '$(RUN_ID)' $(if $(filter 0,$(DRY_RUN)),,--dry-run)
 
 ui: $(STAMP) ## serve the MLflow UI for this project's store on 127.0.0.1:PORT

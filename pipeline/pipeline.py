@@ -50,6 +50,7 @@ class Chain:
     resolved: list[Resolved]
     overrides: dict[str, list[tuple[str, Any]]]
     resume: str = ""            # an earlier pipeline run whose FINISHED children are reused where nothing changed
+    given: list[str] = field(default_factory=list)  # the overrides as given ("key=value"), logged for `make rerun`
 
     def linked(self, stage: str, ids: dict[str, str]) -> list[tuple[str, Any]]:
         """The stage's overrides plus its links to the run ids of the stages before it."""
@@ -72,7 +73,8 @@ def chain(hw: str, overrides: list[tuple[str, Any]], loss: str | None, accel: st
     per_stage = split_overrides(overrides)
     placeholders = {s: f"<run id of the {s} child>" for s in STAGES}
     linked = [(k, v) for s in STAGES for k, v in [(f"{s}.{key}", placeholders[src]) for key, src in LINKS[s].items()]]
-    return Chain(hw, loss, accel, plan_all(hw, [*overrides, *linked], loss), per_stage, resume.strip())
+    return Chain(hw, loss, accel, plan_all(hw, [*overrides, *linked], loss), per_stage, resume.strip(),
+                 [f"{k}={_yaml_value(v)}" for k, v in overrides])
 
 
 def page(c: Chain) -> str:
@@ -101,7 +103,8 @@ def run(c: Chain) -> PipelineResult:
     from pipeline import tracking
 
     first = c.resolved[0]
-    configs = {"pipeline": {"loss": c.loss or "orpo", "accel": c.accel}, **{r.stage: r.as_dict() for r in c.resolved}}
+    configs = {"pipeline": {"loss": c.loss or "orpo", "accel": c.accel, "overrides": c.given, "resume": c.resume},
+               **{r.stage: r.as_dict() for r in c.resolved}}
     ids: dict[str, str] = {}
     earlier = tracking.pipeline_children(c.resume) if c.resume else {}
     reused: list[str] = []

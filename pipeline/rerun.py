@@ -1,7 +1,7 @@
 """rerun: `make rerun RUN_ID=…` — run a finished stage run again from what it logged, and say whether it came out the
 same.
 
-``python -m pipeline.rerun --run-id ID [--dry-run]``. From the run's ``resolved_config.yaml``:
+``python -m pipeline.rerun --run-id ID [--dry-run] [--out DIR]``. From the run's ``resolved_config.yaml``:
 - the stage config is written to ``outputs/rerun/<id>/<stage>.yaml``, its ``output_dir`` moved to
   ``outputs/rerun/<id>/out`` (the original outputs are neither overwritten nor resumed from);
 - the hardware profile is re-applied as ``hw.*`` overrides where the profile file has changed since;
@@ -14,6 +14,9 @@ The rerun is a new run in the same experiment, tagged ``rerun_of``. Then it repo
 the data manifest digest (prepare), the pool digest (sft, align), the registered weights (sft, align, export: sha256
 of each safetensors file) and the scores (evaluate) are identical. On CPU with the tiny model every stage is
 deterministic, so anything but "identical" there is a finding.
+
+A pipeline run is re-run whole: a new pipeline run from the overrides it logged (``pipeline.overrides``), its
+children's outputs under ``outputs/rerun/<id>/<stage>``, then every stage's checks side by side.
 """
 
 from __future__ import annotations
@@ -47,13 +50,18 @@ class Rerun:
     run_id: str
     stage: str
     hw: str
-    config_file: Path
+    folder: Path                # outputs/rerun/<run id>/: the config written for it, its outputs, rerun.json
     overrides: list[tuple[str, Any]]
     notes: list[str] = field(default_factory=list)
+    loss: str = ""              # a pipeline's alignment loss
 
     def parameters(self) -> dict[str, str]:
-        params = {"config": _shown(self.config_file), "hw": self.hw, "dry_run": "false",
-                  "overrides": " ".join(shlex.quote(f"{k}={_yaml_value(v)}") for k, v in self.overrides)}
+        overrides = " ".join(shlex.quote(f"{k}={_yaml_value(v)}") for k, v in self.overrides)
+        if self.stage == "pipeline":
+            return {"hw": self.hw, "dry_run": "false", "overrides": overrides, "loss": self.loss, "accel": "",
+                    "resume": ""}
+        params = {"config": _shown(self.folder / f"{self.stage}.yaml"), "hw": self.hw, "dry_run": "false",
+                  "overrides": overrides}
         if self.stage in ("sft", "align"):
             params["accel"] = ""
         if self.stage == "align":
@@ -72,14 +80,15 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
 
     run = tracking.get_run(run_id)
     stage, status = run.data.tags.get("stage"), run.info.status
-    if stage not in STAGES:
-        children = {k.removeprefix("child."): v for k, v in run.data.tags.items() if k.startswith("child.")}
-        hint = f"; re-run its children: {', '.join(f'{s} {i}' for s, i in children.items())}" if children else ""
-        raise StageError(f"run {run_id} is a {stage or 'untagged'} run; only stage runs ({', '.join(STAGES)}) can be "
-                         f"re-run{hint}")
+    if stage not in (*STAGES, "pipeline"):
+        raise StageError(f"run {run_id} is a {stage or 'untagged'} run; only the runs of {', '.join(STAGES)} and "
+                         f"pipeline runs can be re-run")
     if status != "FINISHED":
-        raise StageError(f"run {run_id} ({stage}) is {status}; only FINISHED runs are re-run (resume a failed "
-                         f"training run with `SET=train.resume=auto`)")
+        how = "`make pipeline RESUME=<id>`" if stage == "pipeline" else "`SET=train.resume=auto` (training stages)"
+        raise StageError(f"run {run_id} ({stage}) is {status}; only FINISHED runs are re-run (continue a failed one "
+                         f"with {how})")
+    if stage == "pipeline":
+        return _pipeline_rerun(run, out)
     logged = yaml.safe_load(tracking.run_artifact_text(run_id, "resolved_config.yaml"))
     cfg, notes = dict(logged["config"]), []
     folder = out / run_id
@@ -101,9 +110,33 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
     if stage in ("sft", "align"):
         _check_pool(cfg["data"], "sft" if stage == "sft" else "pref", run.data.params.get("data.sha256", ""), run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    config_file = folder / f"{stage}.yaml"
-    config_file.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return Rerun(run_id, stage, logged["hw"]["name"], config_file, overrides, notes)
+    (folder / f"{stage}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return Rerun(run_id, stage, logged["hw"]["name"], folder, overrides, notes)
+
+
+def _pipeline_rerun(run: Any, out: Path) -> Rerun:
+    """The whole chain again from the overrides the pipeline run logged, into outputs/rerun/<id>/<stage>, its
+    registered versions aliased `rerun`, the profile as the run logged it."""
+    from pipeline import tracking
+    from pipeline.config import parse_overrides
+
+    run_id, params = run.info.run_id, run.data.params
+    if "pipeline.overrides" not in params:
+        raise StageError(f"pipeline run {run_id} did not log its overrides (made by an older version); re-run its "
+                         f"children one by one: " + ", ".join(f"{k.removeprefix('child.')} {v}"
+                                                              for k, v in run.data.tags.items()
+                                                              if k.startswith("child.")))
+    folder, notes = out / run_id, []
+    logged = yaml.safe_load(tracking.run_artifact_text(run.data.tags["child.prepare"], "resolved_config.yaml"))
+    overrides = [*parse_overrides(json.loads(params["pipeline.overrides"])), *_profile_overrides(logged["hw"], notes),
+                 *((f"{s}.output_dir", _shown(folder / s)) for s in STAGES),
+                 *((f"{s}.register.alias", RERUN_ALIAS) for s in ("sft", "align", "export"))]
+    notes.append(f"outputs under {_shown(folder)}/<stage>; registered versions get the alias @{RERUN_ALIAS}")
+    if run.data.tags.get("git.sha") != tracking.git_state()["git.sha"]:
+        notes.append(f"the code has changed since: git {run.data.tags.get('git.sha', '?')[:10]} → "
+                     f"{tracking.git_state()['git.sha'][:10]}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return Rerun(run_id, "pipeline", run.data.tags["hw"], folder, overrides, notes, params.get("pipeline.loss", ""))
 
 
 def _check_model(logged: dict[str, Any], name: str) -> None:
@@ -165,15 +198,29 @@ def compare(old_id: str, new_id: str, stage: str) -> dict[str, Any]:
     return checks
 
 
+def compare_pipelines(old_id: str, new_id: str) -> dict[str, Any]:
+    """Each stage's checks, prefixed `<stage>.`; each new child is tagged `rerun_of` its counterpart."""
+    from pipeline import tracking
+
+    old, new = (tracking.run_tags(i) for i in (old_id, new_id))
+    checks: dict[str, Any] = {}
+    for stage in STAGES:
+        before, after = old[f"child.{stage}"], new[f"child.{stage}"]
+        checks.update({f"{stage}.{k}": c for k, c in compare(before, after, stage).items()})
+        tracking.log_to_run(after, {}, {"rerun_of": before}, [], "")
+    return checks
+
+
 def report(rerun: Rerun, new_id: str, checks: dict[str, Any]) -> str:
     lines = [f"rerun of {rerun.stage} run {rerun.run_id} → run {new_id}", *(f"  note: {n}" for n in rerun.notes)]
+    width = max(len(name) for name in [*checks, "verdict"])
     for name, c in checks.items():
         if c["identical"]:
-            lines.append(f"  {name:<14} identical")
+            lines.append(f"  {name:<{width}}  identical")
         else:
-            lines.append(f"  {name:<14} DIFFERENT: {_short(c['before'])} → {_short(c['after'])}")
+            lines.append(f"  {name:<{width}}  DIFFERENT: {_short(c['before'])} → {_short(c['after'])}")
     same = all(c["identical"] for c in checks.values())
-    lines.append("  verdict        " + ("identical" if same else "different (see above)"))
+    lines.append(f"  {'verdict':<{width}}  " + ("identical" if same else "different (see above)"))
     return "\n".join(lines)
 
 
@@ -184,7 +231,8 @@ def _short(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.rerun", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-id", required=True, help="a FINISHED run of prepare, sft, align, evaluate or export")
+    parser.add_argument("--run-id", required=True,
+                        help="a FINISHED run of prepare, sft, align, evaluate, export, or of the pipeline")
     parser.add_argument("--dry-run", action="store_true", help="check and show what would run; launch nothing")
     parser.add_argument("--out", type=Path, default=RERUN_DIR, help="where <run id>/ goes (default: outputs/rerun)")
     args = parser.parse_args(argv)
@@ -207,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         if status != "FINISHED":
             raise StageError(f"the rerun {new_id} ended {status}: "
                              f"{tracking.run_tags(new_id).get('error', 'see its logs/ artifact')}")
-        checks = compare(rerun.run_id, new_id, rerun.stage)
+        checks = compare_pipelines(rerun.run_id, new_id) if rerun.stage == "pipeline" else \
+            compare(rerun.run_id, new_id, rerun.stage)
         tags = {"rerun_of": rerun.run_id, **{f"rerun.{k}": str(c["identical"]).lower() for k, c in checks.items()}}
-        record = rerun.config_file.with_name("rerun.json")
+        record = rerun.folder / "rerun.json"
         record.write_text(json.dumps({"rerun_of": rerun.run_id, "run_id": new_id, "notes": rerun.notes,
                                       "checks": checks}, ensure_ascii=False, indent=2), encoding="utf-8")
         tracking.log_to_run(new_id, {}, tags, [record], "rerun")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import mlflow
 import pytest
@@ -96,7 +97,7 @@ def test_rerun_of_the_sft_child_gives_the_identical_adapter(chained, capsys):
     sft_id = chained["result"].children["sft"]
     assert rerun.main(["--run-id", sft_id, "--out", str(chained["tmp"] / "rerun")]) == 0
     out = capsys.readouterr().out
-    assert "weights        identical" in out and "data_pool      identical" in out and "verdict        identical" in out
+    assert all(re.search(rf"^  {name}\s+identical$", out, re.M) for name in ("data_pool", "weights", "verdict"))
     client = chained["client"]
     (new,) = client.search_runs([client.get_run(sft_id).info.experiment_id],
                                 filter_string=f"tags.rerun_of = '{sft_id}'")
@@ -110,16 +111,32 @@ def test_rerun_of_the_evaluate_child_gives_the_same_scores_and_leaves_the_traini
     history = client.get_metric_history(children["align"], "eval/zh_smoke/acc")
     assert rerun.main(["--run-id", children["evaluate"], "--out", str(chained["tmp"] / "rerun")]) == 0
     out = capsys.readouterr().out
-    assert "scores         identical" in out and "write_back off" in out
+    assert re.search(r"^  scores\s+identical$", out, re.M) and "write_back off" in out
     assert "adapter pinned to zh-align-orpo/" in out
     assert len(client.get_metric_history(children["align"], "eval/zh_smoke/acc")) == len(history) == 1
 
 
-def test_rerun_refuses_a_pipeline_run_and_a_changed_pool(chained, capsys):
+def test_rerun_of_the_pipeline_runs_the_chain_again_and_every_stage_comes_out_identical(chained, capsys):
+    result, client = chained["result"], chained["client"]
+    assert rerun.main(["--run-id", result.run_id, "--out", str(chained["tmp"] / "rerun")]) == 0
+    out = capsys.readouterr().out
+    for check in ("prepare.data_manifest", "sft.weights", "align.weights", "align.final_loss", "evaluate.scores",
+                  "export.weights", "verdict"):
+        assert re.search(rf"^  {re.escape(check)}\s+identical$", out, re.M), check
+    (new,) = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                filter_string=f"tags.rerun_of = '{result.run_id}'")
+    assert new.data.tags["stage"] == "pipeline" and new.data.tags["rerun.export.weights"] == "true"
+    assert client.get_run(new.data.tags["child.sft"]).data.tags["rerun_of"] == result.children["sft"]
+    assert str(chained["tmp"] / "rerun" / result.run_id / "sft") in \
+        client.get_run(new.data.tags["child.sft"]).data.params["config.output_dir"]
+    assert client.get_model_version_by_alias("zh-align-merged", "candidate").run_id == result.children["export"]
+
+
+def test_rerun_refuses_an_unknown_run_and_a_changed_pool(chained, capsys):
     result = chained["result"]
     out = ["--out", str(chained["tmp"] / "rerun")]
-    assert rerun.main(["--run-id", result.run_id, "--dry-run", *out]) == 1
-    assert f"re-run its children: prepare {result.children['prepare']}" in capsys.readouterr().err
+    assert rerun.main(["--run-id", "0" * 32, "--dry-run", *out]) == 1
+    assert "is not in sqlite:///" in capsys.readouterr().err
     pool = chained["tmp"] / "out" / "prepare" / "pref.jsonl"
     original = pool.read_bytes()
     try:
