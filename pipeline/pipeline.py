@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline import cli
 from pipeline.config import STAGES, ConfigError, Resolved, apply_hub_env, parse_overrides
-from pipeline.plan import _yaml_value, plan_all, render, split_overrides, stage_plan
+from pipeline.plan import plan_all, render, split_overrides, stage_plan, yaml_value
 
 STAGE = "pipeline"
 # How a stage takes the outputs of the stages before it: config key → the stage whose child run id it gets.
@@ -59,7 +59,7 @@ class Chain:
     def parameters(self, stage: str, ids: dict[str, str]) -> dict[str, str]:
         """The `mlflow run` parameters of one child."""
         params = {"hw": self.hw, "dry_run": "false",
-                  "overrides": " ".join(shlex.quote(f"{k}={_yaml_value(v)}") for k, v in self.linked(stage, ids))}
+                  "overrides": " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in self.linked(stage, ids))}
         if stage == "align":
             params["loss"] = self.loss or ""
         if stage in cli.TRAINING:
@@ -71,10 +71,9 @@ def chain(hw: str, overrides: list[tuple[str, Any]], loss: str | None, accel: st
     """Resolve every stage with the links in place (placeholders for the run ids), so a bad key in any stage stops the
     chain before its first child starts."""
     per_stage = split_overrides(overrides)
-    placeholders = {s: f"<run id of the {s} child>" for s in STAGES}
-    linked = [(k, v) for s in STAGES for k, v in [(f"{s}.{key}", placeholders[src]) for key, src in LINKS[s].items()]]
+    linked = [(f"{s}.{key}", f"<run id of the {src} child>") for s in STAGES for key, src in LINKS[s].items()]
     return Chain(hw, loss, accel, plan_all(hw, [*overrides, *linked], loss), per_stage, resume.strip(),
-                 [f"{k}={_yaml_value(v)}" for k, v in overrides])
+                 [f"{k}={yaml_value(v)}" for k, v in overrides])
 
 
 def page(c: Chain) -> str:

@@ -130,7 +130,7 @@ def mlflow_command(r: Resolved) -> str:
     if r.loss:
         parts += ["-P", f"loss={r.loss}"]
     if r.overrides:
-        parts += ["-P", shlex.quote("overrides=" + " ".join(f"{k}={_yaml_value(v)}" for k, v in r.overrides))]
+        parts += ["-P", shlex.quote("overrides=" + " ".join(f"{k}={yaml_value(v)}" for k, v in r.overrides))]
     return " ".join(parts)
 
 
@@ -138,7 +138,7 @@ def _default_rel(r: Resolved) -> str:
     return str(default_config_path(r.stage, r.hw.name, r.loss).relative_to(ROOT))
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

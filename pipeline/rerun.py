@@ -36,7 +36,7 @@ import yaml
 
 from pipeline.cli import StageError, setup_logging
 from pipeline.config import ROOT, STAGES, load_model, load_profile
-from pipeline.plan import _yaml_value
+from pipeline.plan import yaml_value
 
 # Start points that may be given as a moving alias, and the run tag holding the exact source the run used.
 RERUN_ALIAS = "rerun"
@@ -56,7 +56,7 @@ class Rerun:
     loss: str = ""              # a pipeline's alignment loss
 
     def parameters(self) -> dict[str, str]:
-        overrides = " ".join(shlex.quote(f"{k}={_yaml_value(v)}") for k, v in self.overrides)
+        overrides = " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in self.overrides)
         if self.stage == "pipeline":
             return {"hw": self.hw, "dry_run": "false", "overrides": overrides, "loss": self.loss, "accel": "",
                     "resume": ""}
