@@ -120,19 +120,18 @@ def main(stage: str, plan: Callable[[Resolved], Any], run: Callable[[Resolved], 
     if args.dry_run:
         from pipeline.plan import render
 
-        try:
-            print(render(plan(resolved), hub_env))
-        except StageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        return 0
+        return guarded(lambda: print(render(plan(resolved), hub_env)))
+    return guarded(lambda: log.info("%s finished: %s", stage, run(resolved)))
+
+
+def guarded(fn: Callable[[], Any]) -> int:
+    """Run ``fn`` under the exit-code contract: 0 done; a StageError is printed, exit 1; a ConfigError, exit 2."""
     try:
-        result = run(resolved)
+        fn()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    log.info("%s finished: %s", stage, result)
     return 0

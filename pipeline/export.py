@@ -82,9 +82,22 @@ def probe_texts(tokenizer: Any, system: str) -> list[str]:
                                           tokenize=False, add_generation_prompt=True) for p in prompts]
 
 
+def left_padded(tokenizer: Any, texts: list[str]) -> Any:
+    """Texts as one batch, padded on the left: the last position is every text's next token."""
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+
+
 def probe_inputs(tokenizer: Any, system: str) -> Any:
-    """The probe prompts as one batch, padded on the left (the last position is every prompt's next token)."""
-    return tokenizer(probe_texts(tokenizer, system), return_tensors="pt", padding=True, padding_side="left")
+    """The probe prompts as one left-padded batch."""
+    return left_padded(tokenizer, probe_texts(tokenizer, system))
+
+
+def next_token_logits(model: Any, tokenizer: Any, texts: list[str]) -> Any:
+    """float32 logits of the next token after each templated text, [len(texts), vocab]."""
+    import torch
+
+    with torch.no_grad():
+        return model(**left_padded(tokenizer, texts)).logits.float()[:, -1, :]
 
 
 PROBE_FILE = "probe_logits.json"
@@ -94,11 +107,8 @@ TOP_K = 20
 def probe_record(model: Any, tokenizer: Any, system: str) -> dict[str, Any]:
     """The merged model's fingerprint: for each probe prompt (as the exact templated text), the top-k next-token ids
     and logits. Kept in the folder and on the run, so a pulled copy can be checked against what export saw."""
-    import torch
-
     texts = probe_texts(tokenizer, system)
-    with torch.no_grad():
-        last = model(**probe_inputs(tokenizer, system)).logits.float()[:, -1, :]
+    last = next_token_logits(model, tokenizer, texts)
     top = last.topk(min(TOP_K, last.shape[-1]), dim=-1)
     return {"dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "texts": texts,
             "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()}
@@ -117,10 +127,7 @@ def check_probe_logits(folder: Path, tolerance: float | None = None) -> float:
     record = json.loads(path.read_text(encoding="utf-8"))
     tolerance = tolerance if tolerance is not None else (1e-4 if record["dtype"] == "float32" else 5e-2)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, record["dtype"])).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = tokenizer(record["texts"], return_tensors="pt", padding=True, padding_side="left")
-    with torch.no_grad():
-        last = model(**batch).logits.float()[:, -1, :]
+    last = next_token_logits(model, AutoTokenizer.from_pretrained(folder), record["texts"])
     got = last.gather(1, torch.tensor(record["top_ids"]))
     diff = float((got - torch.tensor(record["top_logits"])).abs().max())
     if diff > tolerance:

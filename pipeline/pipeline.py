@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import cli
-from pipeline.config import STAGES, ConfigError, Resolved, apply_hub_env, parse_overrides
+from pipeline.config import STAGES, Resolved, apply_hub_env, parse_overrides
 from pipeline.plan import plan_all, render, split_overrides, stage_plan, yaml_value
 
 STAGE = "pipeline"
@@ -106,6 +106,7 @@ def run(c: Chain) -> PipelineResult:
                **{r.stage: r.as_dict() for r in c.resolved}}
     ids: dict[str, str] = {}
     earlier = tracking.pipeline_children(c.resume) if c.resume else {}
+    sha = tracking.git_state()["git.sha"]
     reused: list[str] = []
     with tracking.start_run(STAGE, configs, hw=c.hw, model=first.model.name,
                             tags={"resumed_from": c.resume} if c.resume else None) as parent:
@@ -113,7 +114,7 @@ def run(c: Chain) -> PipelineResult:
         for stage in STAGES:
             started = time.monotonic()
             params = c.parameters(stage, ids)
-            same = reusable(earlier.get(stage), params)
+            same = reusable(earlier.get(stage), params, sha)
             if same:
                 cli.log.info("pipeline: %s unchanged since run %s (same parameters, code and inputs): reused", stage,
                              same)
@@ -126,14 +127,16 @@ def run(c: Chain) -> PipelineResult:
             ids[stage] = run_id
             tracking.set_tags({f"child.{stage}": run_id})
             tracking.log_metrics({f"{stage}/wall_seconds": time.monotonic() - started})
+            child = tracking.get_run(run_id)
             if status != "FINISHED":
-                error = tracking.run_tags(run_id).get("error", "see the child's logs/ artifact")
+                error = child.data.tags.get("error", "see the child's logs/ artifact")
                 done = ", ".join(f"{s} {i}" for s, i in ids.items() if s != stage) or "none"
                 raise cli.StageError(f"stage {stage} failed (child run {run_id}, {status}): {error}. Finished "
                                      f"children: {done}; fix the cause, then run `make {stage}` alone with their "
                                      f"run ids ({', '.join(f'{k}=<{v} id>' for k, v in LINKS[stage].items())}) or "
                                      f"the whole pipeline again")
-            tracking.log_metrics(tracking.child_metrics(run_id, KEY_METRICS[stage], prefix=f"{stage}/"))
+            tracking.log_metrics({f"{stage}/{k}": v for k, v in child.data.metrics.items()
+                                  if k.startswith(KEY_METRICS[stage])})
         summary = {**tracking.chain_summary(ids), "hw": c.hw, "loss": c.loss or "orpo", "reused": reused}
         tracking.log_dict(summary, "summary.json")
     result = PipelineResult(parent.info.run_id if parent else None, ids, summary)
@@ -141,16 +144,14 @@ def run(c: Chain) -> PipelineResult:
     return result
 
 
-def reusable(child: dict[str, Any] | None, params: dict[str, str]) -> str | None:
+def reusable(child: dict[str, Any] | None, params: dict[str, str], sha: str) -> str | None:
     """The id of an earlier child that can stand in for this stage: FINISHED, launched with exactly these parameters
-    (so its upstream links are the same runs) from the same git commit."""
-    from pipeline import tracking
-
+    (so its upstream links are the same runs) from the same git commit ``sha``."""
     if not child or child["status"] != "FINISHED":
         return None
     if any(_words(child["params"].get(k, "")) != _words(v) for k, v in params.items()):
         return None
-    return child["run_id"] if child["git_sha"] == tracking.git_state()["git.sha"] else None
+    return child["run_id"] if child["git_sha"] == sha else None
 
 
 def _words(value: str) -> list[str]:
@@ -201,25 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the whole chain's plan and run nothing (default: true)")
     args = parser.parse_args(argv)
     cli.setup_logging()
-    try:
-        c = chain(args.hw, parse_overrides(args.set, args.overrides), args.loss, args.accel, args.resume)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        try:
-            print(page(c))
-        except cli.StageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        return 0
-    try:
-        run(c)
-    except cli.StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
+    def go() -> None:
+        c = chain(args.hw, parse_overrides(args.set, args.overrides), args.loss, args.accel, args.resume)
+        print(page(c)) if args.dry_run else run(c)
+
+    return cli.guarded(go)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cli import StageError, add_common, setup_logging
-from pipeline.config import ConfigError, parse_overrides, resolve
+from pipeline.cli import StageError, add_common, guarded, setup_logging
+from pipeline.config import parse_overrides, resolve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,18 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     from pipeline import tracking
 
-    try:
-        if args.command == "promote":
-            print(tracking.promote(args.model, args.version, args.alias, args.force))
-        else:
-            pull(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    if args.command == "promote":
+        return guarded(lambda: print(tracking.promote(args.model, args.version, args.alias, args.force)))
+    return guarded(lambda: pull(args))
 
 
 def pull(args: argparse.Namespace) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import StageError, setup_logging
+from pipeline.cli import StageError, guarded, setup_logging
 from pipeline.config import ROOT, STAGES, load_model, load_profile
 from pipeline.plan import yaml_value
 
@@ -52,6 +52,7 @@ class Rerun:
     hw: str
     folder: Path                # outputs/rerun/<run id>/: the config written for it, its outputs, rerun.json
     overrides: list[tuple[str, Any]]
+    experiment_id: str          # the original's experiment: the rerun lands beside it
     notes: list[str] = field(default_factory=list)
     loss: str = ""              # a pipeline's alignment loss
 
@@ -111,7 +112,7 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
         _check_pool(cfg["data"], "sft" if stage == "sft" else "pref", run.data.params.get("data.sha256", ""), run_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stage}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    return Rerun(run_id, stage, logged["hw"]["name"], folder, overrides, notes)
+    return Rerun(run_id, stage, logged["hw"]["name"], folder, overrides, run.info.experiment_id, notes)
 
 
 def _pipeline_rerun(run: Any, out: Path) -> Rerun:
@@ -132,11 +133,12 @@ def _pipeline_rerun(run: Any, out: Path) -> Rerun:
                  *((f"{s}.output_dir", _shown(folder / s)) for s in STAGES),
                  *((f"{s}.register.alias", RERUN_ALIAS) for s in ("sft", "align", "export"))]
     notes.append(f"outputs under {_shown(folder)}/<stage>; registered versions get the alias @{RERUN_ALIAS}")
-    if run.data.tags.get("git.sha") != tracking.git_state()["git.sha"]:
-        notes.append(f"the code has changed since: git {run.data.tags.get('git.sha', '?')[:10]} → "
-                     f"{tracking.git_state()['git.sha'][:10]}")
+    then, now = run.data.tags.get("git.sha", "?"), tracking.git_state()["git.sha"]
+    if then != now:
+        notes.append(f"the code has changed since: git {then[:10]} → {now[:10]}")
     folder.mkdir(parents=True, exist_ok=True)
-    return Rerun(run_id, "pipeline", run.data.tags["hw"], folder, overrides, notes, params.get("pipeline.loss", ""))
+    return Rerun(run_id, "pipeline", run.data.tags["hw"], folder, overrides, run.info.experiment_id, notes,
+                 params.get("pipeline.loss", ""))
 
 
 def _check_model(logged: dict[str, Any], name: str) -> None:
@@ -202,7 +204,7 @@ def compare_pipelines(old_id: str, new_id: str) -> dict[str, Any]:
     """Each stage's checks, prefixed `<stage>.`; each new child is tagged `rerun_of` its counterpart."""
     from pipeline import tracking
 
-    old, new = (tracking.run_tags(i) for i in (old_id, new_id))
+    old, new = (tracking.get_run(i).data.tags for i in (old_id, new_id))
     checks: dict[str, Any] = {}
     for stage in STAGES:
         before, after = old[f"child.{stage}"], new[f"child.{stage}"]
@@ -238,36 +240,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return guarded(lambda: execute(args.run_id.strip(), args.out.resolve(), args.dry_run))
+
+
+def execute(run_id: str, out: Path, dry_run: bool) -> None:
+    """Show the rerun; unless a dry run, launch it, compare, tag the new run and print the report."""
     from pipeline import tracking
 
-    try:
-        rerun = prepare_rerun(args.run_id.strip(), args.out.resolve())
-        params = rerun.parameters()
-        print(f"re-running {rerun.stage} run {rerun.run_id}: mlflow run . -e {rerun.stage} "
-              + " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in params.items()))
-        for note in rerun.notes:
-            print(f"  note: {note}")
-        if args.dry_run:
-            return 0
-        experiment = tracking.get_run(rerun.run_id).info.experiment_id
-        new_id, status = tracking.run_entry_point(rerun.stage, params, experiment_id=experiment,
-                                                 run_name=f"{rerun.stage}-{rerun.hw}-rerun")
-        if status != "FINISHED":
-            raise StageError(f"the rerun {new_id} ended {status}: "
-                             f"{tracking.run_tags(new_id).get('error', 'see its logs/ artifact')}")
-        checks = compare_pipelines(rerun.run_id, new_id) if rerun.stage == "pipeline" else \
-            compare(rerun.run_id, new_id, rerun.stage)
-        tags = {"rerun_of": rerun.run_id, **{f"rerun.{k}": str(c["identical"]).lower() for k, c in checks.items()}}
-        record = rerun.folder / "rerun.json"
-        record.write_text(json.dumps({"rerun_of": rerun.run_id, "run_id": new_id, "notes": rerun.notes,
-                                      "checks": checks}, ensure_ascii=False, indent=2), encoding="utf-8")
-        tracking.log_to_run(new_id, {}, tags, [record], "rerun")
-        print(report(rerun, new_id, checks))
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
+    rerun = prepare_rerun(run_id, out)
+    params = rerun.parameters()
+    print(f"re-running {rerun.stage} run {rerun.run_id}: mlflow run . -e {rerun.stage} "
+          + " ".join(f"-P {shlex.quote(f'{k}={v}')}" for k, v in params.items()))
+    for note in rerun.notes:
+        print(f"  note: {note}")
+    if dry_run:
+        return
+    new_id, status = tracking.run_entry_point(rerun.stage, params, experiment_id=rerun.experiment_id,
+                                             run_name=f"{rerun.stage}-{rerun.hw}-rerun")
+    if status != "FINISHED":
+        raise StageError(f"the rerun {new_id} ended {status}: "
+                         f"{tracking.get_run(new_id).data.tags.get('error', 'see its logs/ artifact')}")
+    checks = compare_pipelines(rerun.run_id, new_id) if rerun.stage == "pipeline" else \
+        compare(rerun.run_id, new_id, rerun.stage)
+    tags = {"rerun_of": rerun.run_id, **{f"rerun.{k}": str(c["identical"]).lower() for k, c in checks.items()}}
+    record = rerun.folder / "rerun.json"
+    record.write_text(json.dumps({"rerun_of": rerun.run_id, "run_id": new_id, "notes": rerun.notes,
+                                  "checks": checks}, ensure_ascii=False, indent=2), encoding="utf-8")
+    tracking.log_to_run(new_id, {}, tags, [record], "rerun")
+    print(report(rerun, new_id, checks))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -557,12 +557,6 @@ def run_entry_point(entry_point: str, parameters: Mapping[str, str], *, experime
     return run_id, mlflow.MlflowClient().get_run(run_id).info.status
 
 
-def run_tags(run_id: str) -> dict[str, str]:
-    import mlflow
-
-    return dict(mlflow.MlflowClient(tracking_uri()).get_run(run_id).data.tags)
-
-
 def pipeline_children(run_id: str) -> dict[str, dict[str, Any]]:
     """The children of an earlier pipeline run, by stage: run id, status, launch parameters, git sha."""
     from pipeline.cli import StageError
@@ -578,14 +572,6 @@ def pipeline_children(run_id: str) -> dict[str, dict[str, Any]]:
         children[stage] = {"run_id": child_id, "status": child.info.status, "params": dict(child.data.params),
                            "git_sha": child.data.tags.get("git.sha", "")}
     return children
-
-
-def child_metrics(run_id: str, prefixes: Iterable[str], prefix: str) -> dict[str, float]:
-    """A run's latest metrics whose names start with one of ``prefixes``, renamed ``prefix + name``."""
-    import mlflow
-
-    metrics = mlflow.MlflowClient(tracking_uri()).get_run(run_id).data.metrics
-    return {prefix + k: v for k, v in metrics.items() if k.startswith(tuple(prefixes))}
 
 
 def chain_summary(ids: Mapping[str, str]) -> dict[str, Any]:
