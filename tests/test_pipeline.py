@@ -177,7 +177,7 @@ def test_children_get_their_links_and_launch_choices():
     assert os.environ.get("MLFLOW_RUN_ID") is None
 
 
-def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_store, tmp_path):
+def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_store, tmp_path, capsys):
     c = chain_stage.chain("cpu", parse_overrides([f"prepare.output_dir={tmp_path / 'data'}",
                                                   "prepare.filters.min_chars=100000"]), None)
     with pytest.raises(chain_stage.cli.StageError, match=r"stage prepare failed \(child run [0-9a-f]{32}, FAILED\)"):
@@ -189,6 +189,9 @@ def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_sto
     assert parent.info.status == "FAILED" and child.info.status == "FAILED"
     assert child.data.tags["stage"] == "prepare" and child.info.run_id in parent.data.tags["error"]
     assert "sft" not in {r.data.tags["stage"] for r in runs}  # nothing after the failed stage started
+    assert rerun.main(["--run-id", parent.info.run_id, "--dry-run", "--out", str(tmp_path / "rerun")]) == 1
+    assert "is FAILED; only FINISHED runs are re-run (continue a failed one with `make pipeline RESUME=<id>`)" in \
+        capsys.readouterr().err
 
 
 def test_resume_reuses_the_unchanged_children_and_runs_the_changed_stage(chained, capsys):
