@@ -87,10 +87,10 @@ prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preferenc
 data: prepare ## alias of prepare
 
 bench-data: $(STAMP) ## time the cleaning path on ROWS synthetic zh/en rows against a naive loop (speed, peak RSS)
-	$(PY) -m pipeline.data.bench --rows $(ROWS)
+	$(PY) tools/bench_data.py --rows $(ROWS)
 
 gpu-smoke: $(STAMP) ## on a CUDA GPU: sft in bf16 / QLoRA / Liger, DPO and ORPO-QLoRA from it, a forced OOM; JSON in outputs/gpu-smoke
-	$(PY) -m pipeline.gpu_smoke --out outputs/gpu-smoke
+	$(PY) tools/gpu_smoke.py --out outputs/gpu-smoke
 
 sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft (ACCEL=ddp: all GPUs)
 	$(call stage,sft,,-P accel='$(ACCEL)')
@@ -131,8 +131,8 @@ screenshots: $(STAMP) ## retake docs/img/*.png, the README's MLflow UI screensho
 test: $(STAMP) ## run the test suite (CPU, offline)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
 
-lint: $(STAMP) ## ruff over the package, the tests and docs/screenshots.py
-	$(PY) -m ruff check pipeline tests docs
+lint: $(STAMP) ## ruff over the package, the tests, tools/ and docs/screenshots.py
+	$(PY) -m ruff check pipeline tests tools docs
 
 clean: ## remove outputs/, caches and the tiny models (keeps mlflow.db and mlruns/, your run history)
 	rm -rf outputs .cache/tiny-models .pytest_cache .ruff_cache

@@ -1,23 +1,75 @@
 """align: ORPO or DPO (`loss: orpo | dpo`) from the SFT adapter, with the R-DPO length penalty and the zh share.
 
-One stage for both losses: the trainer is picked in :func:`pipeline.preference.trainer_classes`; everything else —
-the pool in the sampler's order (``mix.pref.zh_share``), trainer arguments from the profile, metrics, resume, the
-registry — is the sft stage's shared code (:mod:`pipeline.train`). The policy continues the SFT adapter's LoRA
-weights; DPO's reference is the frozen SFT policy, ORPO has none.
+One stage for both losses: the trainer is picked in :func:`pipeline.training.preference.trainer_classes`; everything
+else — the pool in the sampler's order (``mix.pref.zh_share``), trainer arguments from the profile, metrics, resume,
+the registry — is the training layer the sft stage uses too. The policy continues the SFT adapter's LoRA weights;
+DPO's reference is the frozen SFT policy, ORPO has none.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline import cli
-from pipeline.config import Resolved
-from pipeline.plan import Item, Plan, base_model_input, data_input, dir_output, model_ref_input, registry_output, repo_path
+from pipeline.core.errors import StageError
+from pipeline.core.paths import repo_path
+from pipeline.core.resolved import Resolved
+from pipeline.core.strict import Key
+from pipeline.data import prepared
+from pipeline.data.clean import with_system
+from pipeline.models.loading import check_device, load_for_training, same_base
+from pipeline.stage import cli
+from pipeline.stage.dryrun import (
+    Item,
+    Plan,
+    base_model_input,
+    data_input,
+    dir_output,
+    log_backend_fact,
+    model_ref_input,
+    registry_output,
+)
+from pipeline.stage.resolve import resolve
+from pipeline.stage.spec import Stage
+from pipeline.tracking import fingerprints, lineage, runs
+from pipeline.training import preference
+from pipeline.training import trainer as T
+from pipeline.training.config import TrainConfig, TrainingStageConfig
 
-STAGE = "align"
+LOSSES = ("orpo", "dpo")
+
+
+@dataclass
+class AlignTrainConfig(TrainConfig):
+    epochs: float = 1.0
+    lr: float = 5e-6
+    warmup_ratio: float = 0.1
+
+
+@dataclass(kw_only=True)
+class AlignConfig(TrainingStageConfig):
+    loss: Literal["orpo", "dpo"]
+    start_from: str | None = None        # SFT adapter: run id | name@alias | name/version | folder; null = the newest
+    output_dir: str = "outputs/align/default"
+    beta: float = 0.2
+    length_penalty: float = 0.02
+    reference: Literal["none", "sft_policy"] = "none"
+    train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
+
+    def check(self, key: Key) -> list[str]:
+        problems = []
+        if self.beta <= 0:
+            problems.append(f"{key('beta')} must be positive; got {self.beta}")
+        if self.length_penalty < 0:
+            problems.append(f"{key('length_penalty')} must be >= 0; got {self.length_penalty}")
+        if self.loss == "orpo" and self.reference != "none":
+            problems.append(f"{key('reference')} must be none for `loss: orpo` (ORPO needs no reference model)")
+        if self.loss == "dpo" and self.reference == "none":
+            problems.append(f"{key('reference')} must be sft_policy for `loss: dpo` (DPO needs a reference model)")
+        return problems
 
 
 def plan(r: Resolved) -> Plan:
@@ -36,17 +88,13 @@ def plan(r: Resolved) -> Plan:
                      f"trees give the only Chinese pairs, the shortfall action is logged"),
         ("schedule", f"{t.epochs} epochs, lr {t.lr}, {t.scheduler}, warmup {t.warmup_ratio}, "
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
-        ("log backend", f"MLflow + {cfg.log_backend}" if cfg.log_backend != "none" else "MLflow"),
+        log_backend_fact(cfg.log_backend),
     ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)])
 
 
 def _pref_share(r: Resolved) -> str:
     """The zh share the pool's manifest holds, or (before prepare ran) what prepare's config will write."""
-    import json
-
-    from pipeline.config import resolve
-
     manifest = repo_path(r.cfg.data.path or "") / "manifest.json"
     if r.cfg.data.path and manifest.exists():
         return f"{json.loads(manifest.read_text(encoding='utf-8'))['mix']['pref']['zh_share']} (pool manifest)"
@@ -67,58 +115,46 @@ class AlignResult:
                 f"{self.registered}")
 
 
-def same_base(recorded: str, r: Resolved) -> bool:
-    """Whether an adapter's recorded base is this run's: the hub id, the model name, or a tiny model's cache folder."""
-    name = Path(recorded).name
-    return recorded in (r.model.hub_id, r.model.name) or name == r.model.name or name.startswith(f"{r.model.name}-")
-
-
 def run(r: Resolved) -> AlignResult:
-    from pipeline import models, tracking, train
-
     cfg = r.cfg
-    models.check_device(r.hw)
-    start = tracking.find_adapter(cfg.start_from, stage="sft", model=r.model.name, hw=r.hw.name)
+    check_device(r.hw)
+    start = lineage.find_adapter(cfg.start_from, stage="sft", model=r.model.name, hw=r.hw.name)
     recorded = start["tags"].get("base_model", "")
-    if not same_base(recorded, r):
-        raise cli.StageError(f"start point {start['source']} was trained on base {recorded!r}, but this run's base is "
-                             f"{r.model.hub_id or r.model.name}; set `start_from` to an adapter of the same base, "
-                             f"or `model` to its base")
-    pool = train.load_pool(cfg.data, "pref", r)
+    if not same_base(recorded, r.model):
+        raise StageError(f"start point {start['source']} was trained on base {recorded!r}, but this run's base is "
+                         f"{r.model.hub_id or r.model.name}; set `start_from` to an adapter of the same base, "
+                         f"or `model` to its base")
+    pool = prepared.load_pool(cfg.data, "pref", r)
     out = repo_path(cfg.output_dir)
-    tags = {**train.data_tags(pool), "start_from": start["source"], "start_from.run_id": start["run_id"] or "",
+    tags = {**prepared.data_tags(pool), "start_from": start["source"], "start_from.run_id": start["run_id"] or "",
             "start_from.version": start["version"] or "", "loss": cfg.loss}
-    with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
-        rows, report = train.order(pool, cfg.train.epochs)
-        train.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
-                       shortfall=(report["shortfall"] or {}).get("action", "none"))
-        done = train.fit(r, STAGE, lambda: _trainer(r, pool, rows, out, start["folder"]), out, tags)
+    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+        rows, report = prepared.order(pool, cfg.train.epochs)
+        T.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
+                   shortfall=(report["shortfall"] or {}).get("action", "none"))
+        done = T.fit(r, STAGE.name, lambda: _trainer(r, pool, rows, out, start["folder"]), out, tags)
     return AlignResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, start["source"], done.registered)
 
 
-def _trainer(r: Resolved, pool: Any, rows: list[int], out: Path, adapter: Path) -> tuple[Any, Any]:
+def _trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path, adapter: Path) -> tuple[Any, Any]:
     from datasets import Dataset
     from transformers import set_seed
 
-    from pipeline import models, preference, train
-
     cfg, hw = r.cfg, r.hw
     set_seed(cfg.train.seed)
-    model, tokenizer = models.load_for_training(r.model, hw, None, cfg.qlora, adapter=str(adapter))
+    model, tokenizer = load_for_training(r.model, hw, None, cfg.qlora, adapter=str(adapter))
     data = Dataset.from_list([_pair(pool.train[i], cfg.loss, tokenizer, r.model.system_prompt) for i in rows])
     held = Dataset.from_list([_pair(x, cfg.loss, tokenizer, r.model.system_prompt) for x in pool.eval]) \
         if pool.eval else None
     config_cls, trainer_cls = preference.trainer_classes(cfg.loss, cfg.length_penalty)
     extra = {"precompute_ref_log_probs": True, "loss_type": ["sigmoid"]} if cfg.loss == "dpo" else {}
-    trainer = train.build_trainer(trainer_cls, config_cls, r, model, tokenizer, data, held, out, beta=cfg.beta, **extra)
+    trainer = T.build_trainer(trainer_cls, config_cls, r, model, tokenizer, data, held, out, beta=cfg.beta, **extra)
     return trainer, tokenizer
 
 
 def _pair(row: dict[str, Any], loss: str, tokenizer: Any, system: str) -> dict[str, Any]:
     """A preference row as the trainer wants it. ORPO gets the prompt rendered through the chat template and the
     answers as plain strings: given messages, it would train on `answer<|im_end|>\n<|im_end|>` (a double end)."""
-    from pipeline.data.clean import with_system
-
     prompt = with_system(row["prompt"], system)
     if loss == "orpo":
         return {"prompt": tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
@@ -126,8 +162,15 @@ def _pair(row: dict[str, Any], loss: str, tokenizer: Any, system: str) -> dict[s
     return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
 
 
+STAGE = Stage("align", AlignConfig, plan, run, __doc__.split("\n\n")[0],
+              links={"data.run_id": "prepare", "start_from": "sft"}, key_metrics=T.KEY_METRICS, pool="pref",
+              accel=True, variants=LOSSES, variant_flag="loss", pinned={"start_from": "start_from"},
+              checks={"data_pool": fingerprints.pool_digest, "weights": fingerprints.weights,
+                      "final_loss": fingerprints.final_loss})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(STAGE, plan, run, argv, __doc__.split("\n\n")[0])
+    return cli.main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,47 @@ with `compare_base` the base runs too (cached), and the forgetting report gates 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
+import logging
+import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import cli
-from pipeline.config import Resolved
-from pipeline.plan import Item, Plan, base_model_input, dir_output, model_ref_input, repo_path
+from pipeline.core.errors import ConfigError
+from pipeline.core.paths import repo_path
+from pipeline.core.resolved import Resolved
+from pipeline.evaluation import evalsets, forgetting
+from pipeline.evaluation import results as R
+from pipeline.evaluation.forgetting import GateConfig
+from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer
+from pipeline.stage import cli
+from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output, model_ref_input
+from pipeline.stage.spec import Stage
+from pipeline.tracking import fingerprints, lineage, model_registry, runs
 
-STAGE = "evaluate"
+log = logging.getLogger("pipeline.evaluate")
+BASE_CACHE = ".cache/eval-base"  # or $ZH_ALIGN_EVAL_CACHE
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = "qwen2.5-7b-instruct"
+    adapter: str | None = "zh-align-sft@candidate"
+    tasks: list[str] = field(default_factory=lambda: ["cmmlu", "ceval-valid", "hellaswag", "winogrande"])
+    num_fewshot: int | None = None
+    limit: int | None = None
+    batch_size: str = "auto"
+    apply_chat_template: bool = False
+    system_prompt: bool = False
+    mirrors: dict[str, str] = field(default_factory=dict)
+    compare_base: bool = True
+    gate: GateConfig = field(default_factory=GateConfig)
+    write_back: bool = True              # scores onto the training run and gate tags onto its registered version
+    output_dir: str = "outputs/eval/default"
 
 
 def plan(r: Resolved) -> Plan:
@@ -41,9 +68,6 @@ def plan(r: Resolved) -> Plan:
                      "on" if cfg.write_back else "off (write_back: false)")])
 
 
-BASE_CACHE = ".cache/eval-base"  # or $ZH_ALIGN_EVAL_CACHE
-
-
 @dataclass
 class EvalResult:
     output_dir: str
@@ -55,8 +79,6 @@ class EvalResult:
 
 
 def run(r: Resolved) -> EvalResult:
-    from pipeline import evalsets, forgetting, tracking
-
     cfg = r.cfg
     out = repo_path(cfg.output_dir)
     if cfg.apply_chat_template:
@@ -72,42 +94,42 @@ def run(r: Resolved) -> EvalResult:
         _checked(evalsets.check_tasks, tasks, manager, mirrored)
         key = _cache_key(r, tmp)
         tags = {"eval.target": target["source"], "eval.target_run_id": target["run_id"] or ""}
-        with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+        with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
             tuned = _lm_eval(r, tasks, manager, target["folder"], target["merged"])
             tested = target["folder"] or target["merged"]
             base = _base(r, tasks, manager, key) if cfg.compare_base and tested else None
             out.mkdir(parents=True, exist_ok=True)
-            scores = _scores(tuned)
-            rows = _csv_rows(tuned, r, target["source"])
-            files = _write(out, tuned, rows)
-            tracking.log_metrics({f"eval/{k}": v for k, v in scores.items()})
+            scores = R.scores(tuned)
+            rows = R.csv_rows(tuned, r, target["source"])
+            files = R.write(out, tuned, rows)
+            runs.log_metrics({f"eval/{k}": v for k, v in scores.items()})
             if rows:
-                tracking.log_table({k: [row[k] for row in rows] for k in rows[0]}, "results_table.json")
-            verdict, extra = None, {}
-            if base:
-                deltas = {k: v - _scores(base).get(k, float("nan")) for k, v in scores.items() if k in _scores(base)}
-                tracking.log_metrics({f"delta/{k}": v for k, v in deltas.items()})
-                pairs = [forgetting.paired(g, _items(base, subs), _items(tuned, subs))
-                         for g, subs in _groups(tuned).items()]
-                verdict, rule, failed = forgetting.gate(pairs, cfg.gate.max_drop, cfg.gate.alpha)
-                files.append(_chart(out, pairs))
-                (out / "forgetting.json").write_text(json.dumps({"gate": verdict, "rule": rule, "failed": failed,
-                                                                 "groups": [p.__dict__ | {"delta": p.delta} for p in pairs]},
-                                                                ensure_ascii=False, indent=2), encoding="utf-8")
-                files.append(out / "forgetting.json")
-                extra = {"eval.gate": verdict, "eval.gate_rule": rule, "eval.gate_failed": ",".join(failed) or "none",
-                         "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0) + 0.0:.4f}"}
-                tracking.set_tags(extra)
-            tracking.log_artifacts(files, "eval")
+                runs.log_table({k: [row[k] for row in rows] for k in rows[0]}, "results_table.json")
+            verdict, extra = _forgetting(out, base, tuned, cfg.gate, files) if base else (None, {})
+            runs.log_artifacts(files, "eval")
             if cfg.write_back:
                 _write_back(target, scores, extra, files)
     return EvalResult(cfg.output_dir, scores, verdict)
 
 
+def _forgetting(out: Path, base: dict[str, Any], tuned: dict[str, Any], gate: GateConfig,
+                files: list[Path]) -> tuple[str, dict[str, str]]:
+    """Deltas against the base, the paired test per task group and the gate: logged, charted, written, tagged."""
+    scores, before = R.scores(tuned), R.scores(base)
+    runs.log_metrics({f"delta/{k}": v - before[k] for k, v in scores.items() if k in before})
+    pairs = [forgetting.paired(g, R.items(base, subs), R.items(tuned, subs)) for g, subs in R.groups(tuned).items()]
+    verdict, rule, failed = forgetting.gate(pairs, gate.max_drop, gate.alpha)
+    report = {"gate": verdict, "rule": rule, "failed": failed, "groups": [p.__dict__ | {"delta": p.delta} for p in pairs]}
+    (out / "forgetting.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    files += [R.chart(out, pairs), out / "forgetting.json"]
+    tags = {"eval.gate": verdict, "eval.gate_rule": rule, "eval.gate_failed": ",".join(failed) or "none",
+            "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0) + 0.0:.4f}"}
+    runs.set_tags(tags)
+    return verdict, tags
+
+
 def _checked(fn: Any, *args: Any) -> None:
     """A config-level problem found by lm-eval's side (unknown task, bad mirror) → a clean error, nothing written."""
-    from pipeline.config import ConfigError
-
     try:
         fn(*args)
     except ValueError as err:
@@ -115,9 +137,6 @@ def _checked(fn: Any, *args: Any) -> None:
 
 
 def _check_template(r: Resolved) -> None:
-    from pipeline.config import ConfigError
-    from pipeline.models import load_tokenizer
-
     if not getattr(load_tokenizer(r.model), "chat_template", None):
         raise ConfigError([f"{r.config_path}: `apply_chat_template` is true but the tokenizer of {r.model.ref} has no "
                            f"chat template; set `apply_chat_template: false`"])
@@ -131,8 +150,6 @@ def _task_manager(include: str) -> Any:
 
 def _target(r: Resolved) -> dict[str, Any]:
     """What is under test: {folder (adapter) or None (the base alone), source, run_id, version, name}."""
-    from pipeline import tracking
-
     ref = r.cfg.adapter
     none = {"folder": None, "merged": None, "run_id": None, "version": None, "name": None}
     if not ref:
@@ -140,15 +157,13 @@ def _target(r: Resolved) -> dict[str, Any]:
     folder = repo_path(ref)
     if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         return {**none, "merged": folder, "source": str(folder)}  # a merged model: evaluated as it is
-    found = tracking.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name)
+    found = lineage.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name)
     source = found["source"]
     name = source.removeprefix("models:/").split("/")[0] if source.startswith("models:/") else None
     return {**found, "merged": None, "name": name}
 
 
 def _model_args(r: Resolved, adapter: Path | None, merged: Path | None = None) -> dict[str, Any]:
-    from pipeline.models import DTYPES, base_model_path
-
     path, revision = (str(merged), None) if merged else base_model_path(r.model)
     dtype = DTYPES["bf16" if r.hw.qlora else r.hw.precision]  # a QLoRA adapter is judged on the bf16 base
     args: dict[str, Any] = {"pretrained": path, "dtype": dtype}
@@ -188,132 +203,33 @@ def _cache_key(r: Resolved, tasks_dir: str) -> str:
 
 
 def _base(r: Resolved, tasks: list[str], manager: Any, key: str) -> dict[str, Any]:
-    import logging
-    import os
-
     cache = Path(os.environ.get("ZH_ALIGN_EVAL_CACHE") or repo_path(BASE_CACHE)) / f"{r.model.name}-{key}.json"
     if cache.exists():
-        logging.getLogger("pipeline").info("base scores from the cache: %s", cache)
+        log.info("base scores from the cache: %s", cache)
         return json.loads(cache.read_text(encoding="utf-8"))
-    base = _jsonable(_lm_eval(r, tasks, manager, None))
+    base = R.jsonable(_lm_eval(r, tasks, manager, None))
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(base, ensure_ascii=False), encoding="utf-8")
     return base
 
 
-def _jsonable(results: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps({k: results[k] for k in ("results", "groups", "group_subtasks", "n-samples",
-                                                           "samples", "versions", "n-shot", "configs")
-                                  if k in results}, default=str))
-
-
-def _metric(key: str) -> str | None:
-    """`acc,none` → `acc`; `acc,flt` → `acc_flt`; stderr and alias keys → None."""
-    if "," not in key or "_stderr" in key:
-        return None
-    name, filt = key.split(",", 1)
-    return name if filt == "none" else f"{name}_{filt}"
-
-
-def _scores(results: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for task, values in results.get("results", {}).items():
-        for key, value in values.items():
-            name = _metric(key)
-            if name and isinstance(value, (int, float)):
-                out[f"{task}/{name}"] = float(value)
-    return out
-
-
-def _csv_rows(results: dict[str, Any], r: Resolved, adapter: str) -> list[dict[str, Any]]:
-    cfg = r.cfg
-    rows = []
-    for task, values in results.get("results", {}).items():
-        n = results.get("n-samples", {}).get(task, {}).get("effective")
-        for key, value in values.items():
-            name = _metric(key)
-            if name and isinstance(value, (int, float)):
-                stderr = values.get(key.replace(",", "_stderr,", 1))
-                rows.append({"task": task, "metric": name, "value": value,
-                             "stderr": stderr if isinstance(stderr, (int, float)) else "", "n": n or "",
-                             "model": r.model.ref, "adapter": adapter, "fewshot": cfg.num_fewshot,
-                             "chat_template": cfg.apply_chat_template})
-    return rows
-
-
-def _write(out: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
-    res = _jsonable(results)
-    samples = res.pop("samples", {})
-    (out / "results.json").write_text(json.dumps(res, ensure_ascii=False, indent=2), encoding="utf-8")
-    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-        for task, items in samples.items():
-            for item in items:
-                f.write(json.dumps({"task": task, **item}, ensure_ascii=False, default=str) + "\n")
-    with open(out / "results.csv", "w", encoding="utf-8", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    return [out / "results.json", out / "results.csv", out / "samples.jsonl"]
-
-
-def _groups(results: dict[str, Any]) -> dict[str, list[str]]:
-    """Task group → its leaf tasks (a task outside any group is its own group)."""
-    subtasks = results.get("group_subtasks", {})
-    leaves = {t for subs in subtasks.values() for t in subs}
-    groups = {g: [t for t in subs if t not in subtasks] or [g] for g, subs in subtasks.items() if g not in leaves}
-    for task in results.get("results", {}):
-        if task not in leaves and task not in groups:
-            groups[task] = [task]
-    return groups
-
-
-def _items(results: dict[str, Any], tasks: list[str]) -> dict[Any, float]:
-    """(task, doc_id) → 1/0 correctness from lm-eval's logged samples."""
-    out = {}
-    for task in tasks:
-        for s in results.get("samples", {}).get(task, []):
-            if "acc" in s:
-                out[(task, s["doc_id"])] = float(s["acc"])
-    return out
-
-
-def _chart(out: Path, pairs: list[Any]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(pairs)), 3.5))
-    xs = range(len(pairs))
-    ax.bar([x - 0.2 for x in xs], [p.base_acc for p in pairs], width=0.4, label="base")
-    ax.bar([x + 0.2 for x in xs], [p.tuned_acc for p in pairs], width=0.4, label="tuned")
-    ax.set_xticks(list(xs), [f"{p.group}\np={p.p_value:.2g}" for p in pairs], fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("base vs tuned per task group")
-    ax.legend()
-    fig.tight_layout()
-    path = out / "base_vs_tuned.png"
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
-
-
 def _write_back(target: dict[str, Any], scores: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
     """The scores onto the training run the adapter came from, and the gate onto its registered version."""
-    from pipeline import tracking
-
     if target["run_id"]:
-        tracking.log_to_run(target["run_id"], {f"eval/{k}": v for k, v in scores.items()}, tags,
-                            [f for f in files if f.suffix == ".csv"], "eval")
+        runs.log_to_run(target["run_id"], {f"eval/{k}": v for k, v in scores.items()}, tags,
+                        [f for f in files if f.suffix == ".csv"], "eval")
     if target.get("name") and target.get("version"):
         version_tags = {f"eval.{k.replace('/', '.')}": f"{v:.4f}" for k, v in scores.items()}
-        tracking.set_model_version_tags(target["name"], target["version"], {**version_tags, **tags})
+        model_registry.set_model_version_tags(target["name"], target["version"], {**version_tags, **tags})
+
+
+STAGE = Stage("evaluate", EvaluateConfig, plan, run, __doc__.split("\n\n")[0], links={"adapter": "align"},
+              key_metrics=("eval/", "delta/"), pinned={"adapter": "eval.target"}, checks={"scores": fingerprints.scores},
+              rerun_sets={"write_back": (False, "off: the training run and its registered version keep their scores")})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(STAGE, plan, run, argv, __doc__.split("\n\n")[0])
+    return cli.main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -16,36 +16,30 @@ parameters (overrides and upstream run ids) from the same git commit, and runs t
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import cli
-from pipeline.config import STAGES, Resolved, apply_hub_env, parse_overrides
-from pipeline.plan import plan_all, render, split_overrides, stage_plan, yaml_value
+from pipeline.core.errors import StageError
+from pipeline.core.resolved import Resolved
+from pipeline.core.strict import parse_overrides, yaml_value
+from pipeline.stage import cli
+from pipeline.stage.dryrun import pages
+from pipeline.stage.resolve import resolve_all, split_overrides
+from pipeline.stage.spec import get, names, stages, variant_flags
+from pipeline.tracking import lineage, runs
 
-STAGE = "pipeline"
-# How a stage takes the outputs of the stages before it: config key → the stage whose child run id it gets.
-LINKS: dict[str, dict[str, str]] = {
-    "prepare": {},
-    "sft": {"data.run_id": "prepare"},
-    "align": {"data.run_id": "prepare", "start_from": "sft"},
-    "evaluate": {"adapter": "align"},
-    "export": {"adapter": "align"},
-}
-# What the parent run copies from each child so that pipeline runs compare side by side in `mlflow ui`.
-TRAINING_METRICS = ("loss", "eval_loss", "tokens_per_second", "peak_memory")
-KEY_METRICS = {"prepare": ("rows.",), "sft": TRAINING_METRICS, "align": TRAINING_METRICS,
-               "evaluate": ("eval/", "delta/"), "export": ("merge.",)}
+log = logging.getLogger("pipeline.pipeline")
 
 
 @dataclass
 class Chain:
     """The resolved chain: every stage's config (as planned) and each stage's own overrides before the links."""
     hw: str
-    loss: str | None
+    variants: dict[str, str | None]     # stage → its variant (align's loss), None = as its config says
     accel: str
     resolved: list[Resolved]
     overrides: dict[str, list[tuple[str, Any]]]
@@ -54,37 +48,42 @@ class Chain:
 
     def linked(self, stage: str, ids: dict[str, str]) -> list[tuple[str, Any]]:
         """The stage's overrides plus its links to the run ids of the stages before it."""
-        return [*self.overrides[stage], *((key, ids[source]) for key, source in LINKS[stage].items())]
+        return [*self.overrides[stage], *((key, ids[source]) for key, source in get(stage).links.items())]
 
     def parameters(self, stage: str, ids: dict[str, str]) -> dict[str, str]:
         """The `mlflow run` parameters of one child."""
-        params = {"hw": self.hw, "dry_run": "false",
-                  "overrides": " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in self.linked(stage, ids))}
-        if stage == "align":
-            params["loss"] = self.loss or ""
-        if stage in cli.TRAINING:
-            params["accel"] = self.accel
-        return params
+        overrides = " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in self.linked(stage, ids))
+        return get(stage).parameters(hw=self.hw, overrides=overrides, variant=self.variants.get(stage) or "",
+                                     accel=self.accel)
+
+    def variant_choices(self) -> dict[str, str]:
+        """Each variant flag with the variant in force (``{"loss": "orpo"}``)."""
+        return {flag: self.variants.get(stage.name) or stage.variants[0] for flag, stage in variant_flags().items()}
+
+    def launch_choices(self) -> dict[str, Any]:
+        """What the parent run logs as ``pipeline.*``: the variants by flag, accel, overrides, resume."""
+        return {**self.variant_choices(), "accel": self.accel, "overrides": self.given, "resume": self.resume}
 
 
-def chain(hw: str, overrides: list[tuple[str, Any]], loss: str | None, accel: str = "", resume: str = "") -> Chain:
+def chain(hw: str, overrides: list[tuple[str, Any]], variants: dict[str, str | None], accel: str = "",
+          resume: str = "") -> Chain:
     """Resolve every stage with the links in place (placeholders for the run ids), so a bad key in any stage stops the
     chain before its first child starts."""
     per_stage = split_overrides(overrides)
-    linked = [(f"{s}.{key}", f"<run id of the {src} child>") for s in STAGES for key, src in LINKS[s].items()]
-    return Chain(hw, loss, accel, plan_all(hw, [*overrides, *linked], loss), per_stage, resume.strip(),
+    linked = [(f"{s.name}.{key}", f"<run id of the {src} child>") for s in stages() for key, src in s.links.items()]
+    return Chain(hw, variants, accel, resolve_all(hw, [*overrides, *linked], variants), per_stage, resume.strip(),
                  [f"{k}={yaml_value(v)}" for k, v in overrides])
 
 
 def page(c: Chain) -> str:
     """The dry run: how the children link, then every stage's plan as it will run."""
-    links = "; ".join(f"{s} ← " + ", ".join(f"{key}={src}" for key, src in LINKS[s].items())
-                      for s in STAGES if LINKS[s])
-    head = [f"━━ pipeline ━━ (HW={c.hw}, LOSS={c.loss or 'orpo'}) — {' → '.join(STAGES)}, each a child run of one "
-            f"parent run", f"  links  {links}",
+    links = "; ".join(f"{s.name} ← " + ", ".join(f"{key}={src}" for key, src in s.links.items())
+                      for s in stages() if s.links)
+    chosen = ", ".join(f"{flag.upper()}={v}" for flag, v in c.variant_choices().items())
+    head = [f"━━ pipeline ━━ (HW={c.hw}{', ' + chosen if chosen else ''}) — {' → '.join(names())}, each a child run "
+            f"of one parent run", f"  links  {links}",
             "  after  the parent run holds child.<stage> run ids, the children's key metrics and summary.json"]
-    hub_env = apply_hub_env(c.resolved[0].hub)
-    return "\n\n".join(["\n".join(head), *(render(stage_plan(r), hub_env) for r in c.resolved)])
+    return "\n\n".join(["\n".join(head), pages(c.resolved)])
 
 
 @dataclass
@@ -98,50 +97,50 @@ class PipelineResult:
 
 
 def run(c: Chain) -> PipelineResult:
-    """Start the five children in order under one parent run; a failed child fails the parent, naming it."""
-    from pipeline import tracking
-
-    first = c.resolved[0]
-    configs = {"pipeline": {"loss": c.loss or "orpo", "accel": c.accel, "overrides": c.given, "resume": c.resume},
-               **{r.stage: r.as_dict() for r in c.resolved}}
+    """Start the children in chain order under one parent run; a failed child fails the parent, naming it."""
+    configs = {"pipeline": c.launch_choices(), **{r.stage: r.as_dict() for r in c.resolved}}
     ids: dict[str, str] = {}
-    earlier = tracking.pipeline_children(c.resume) if c.resume else {}
-    sha = tracking.git_state()["git.sha"]
+    earlier = lineage.pipeline_children(c.resume) if c.resume else {}
+    sha = runs.git_state()["git.sha"]
     reused: list[str] = []
-    with tracking.start_run(STAGE, configs, hw=c.hw, model=first.model.name,
-                            tags={"resumed_from": c.resume} if c.resume else None) as parent:
-        tracking.log_text(page(c), "plan.txt")
-        for stage in STAGES:
+    with runs.start_run("pipeline", configs, hw=c.hw, model=c.resolved[0].model.name,
+                        tags={"resumed_from": c.resume} if c.resume else None) as parent:
+        runs.log_text(page(c), "plan.txt")
+        for stage in stages():
             started = time.monotonic()
-            params = c.parameters(stage, ids)
-            same = reusable(earlier.get(stage), params, sha)
+            params = c.parameters(stage.name, ids)
+            same = reusable(earlier.get(stage.name), params, sha)
             if same:
-                cli.log.info("pipeline: %s unchanged since run %s (same parameters, code and inputs): reused", stage,
-                             same)
+                log.info("pipeline: %s unchanged since run %s (same parameters, code and inputs): reused", stage.name,
+                         same)
                 run_id, status = same, "FINISHED"
-                reused.append(stage)
-                tracking.set_tags({f"reused.{stage}": "true"})
+                reused.append(stage.name)
+                runs.set_tags({f"reused.{stage.name}": "true"})
             else:
-                cli.log.info("pipeline: starting %s", stage)
-                run_id, status = tracking.run_entry_point(stage, params, run_name=f"{stage}-{c.hw}")
-            ids[stage] = run_id
-            tracking.set_tags({f"child.{stage}": run_id})
-            tracking.log_metrics({f"{stage}/wall_seconds": time.monotonic() - started})
-            child = tracking.get_run(run_id)
+                log.info("pipeline: starting %s", stage.name)
+                run_id, status = runs.run_entry_point(stage.name, params, run_name=f"{stage.name}-{c.hw}")
+            ids[stage.name] = run_id
+            runs.set_tags({f"child.{stage.name}": run_id})
+            runs.log_metrics({f"{stage.name}/wall_seconds": time.monotonic() - started})
+            child = runs.get_run(run_id)
             if status != "FINISHED":
-                error = child.data.tags.get("error", "see the child's logs/ artifact")
-                done = ", ".join(f"{s} {i}" for s, i in ids.items() if s != stage) or "none"
-                raise cli.StageError(f"stage {stage} failed (child run {run_id}, {status}): {error}. Finished "
-                                     f"children: {done}; fix the cause, then run `make {stage}` alone with their "
-                                     f"run ids ({', '.join(f'{k}=<{v} id>' for k, v in LINKS[stage].items())}) or "
-                                     f"the whole pipeline again")
-            tracking.log_metrics({f"{stage}/{k}": v for k, v in child.data.metrics.items()
-                                  if k.startswith(KEY_METRICS[stage])})
-        summary = {**tracking.chain_summary(ids), "hw": c.hw, "loss": c.loss or "orpo", "reused": reused}
-        tracking.log_dict(summary, "summary.json")
+                failed(stage.name, run_id, status, child, ids)
+            runs.log_metrics({f"{stage.name}/{k}": v for k, v in child.data.metrics.items()
+                              if k.startswith(stage.key_metrics)})
+        summary = {**lineage.chain_summary(ids), "hw": c.hw, **c.variant_choices(), "reused": reused}
+        runs.log_dict(summary, "summary.json")
     result = PipelineResult(parent.info.run_id if parent else None, ids, summary)
     print(describe(result))
     return result
+
+
+def failed(stage: str, run_id: str, status: str, child: Any, ids: dict[str, str]) -> None:
+    """Fail the parent naming the child, its error, the finished children and how to go on."""
+    error = child.data.tags.get("error", "see the child's logs/ artifact")
+    done = ", ".join(f"{s} {i}" for s, i in ids.items() if s != stage) or "none"
+    raise StageError(f"stage {stage} failed (child run {run_id}, {status}): {error}. Finished children: {done}; fix "
+                     f"the cause, then run `make {stage}` alone with their run ids "
+                     f"({', '.join(f'{k}=<{v} id>' for k, v in get(stage).links.items())}) or the whole pipeline again")
 
 
 def reusable(child: dict[str, Any] | None, params: dict[str, str], sha: str) -> str | None:
@@ -175,9 +174,10 @@ def describe(result: PipelineResult) -> str:
     if s.get("gate"):
         lines.append(f"  forgetting gate: {s['gate']}")
     merged = next((m.split("@")[0] for m in s.get("children", {}).get("export", {}).get("registered", [])), None)
-    runs = f"#/experiments/{s['experiment_id']}/runs?workflowType=machine_learning" if s.get("experiment_id") else ""
-    lines += ["next", f"  make ui   then open http://127.0.0.1:5000/{runs} : this run expands to its five children; "
-                      "Model registry lists the versions with their aliases and lineage tags"]
+    view = f"#/experiments/{s['experiment_id']}/runs?workflowType=machine_learning" if s.get("experiment_id") else ""
+    lines += ["next", f"  make ui   then open http://127.0.0.1:5000/{view} : this run expands to its "
+                      f"{len(s.get('children', {}))} children; Model registry lists the versions with their aliases "
+                      "and lineage tags"]
     if merged:
         name, version = merged.split("/")
         hw = f" HW={s['hw']}" if s.get("hw") else ""
@@ -191,8 +191,7 @@ def describe(result: PipelineResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.pipeline", description=__doc__.split("\n\n")[0])
     cli.add_common(parser)
-    parser.add_argument("--loss", type=cli.parse_loss, default=None, metavar="orpo|dpo",
-                        help="the align stage's loss (default: configs/orpo.yaml)")
+    cli.add_variants(parser)
     parser.add_argument("--accel", default="", metavar="NAME", help="sft and align under `accelerate launch` "
                                                                    "with configs/accelerate/NAME.yaml")
     parser.add_argument("--resume", default="", metavar="RUN_ID",
@@ -204,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
 
     def go() -> None:
-        c = chain(args.hw, parse_overrides(args.set, args.overrides), args.loss, args.accel, args.resume)
+        c = chain(args.hw, parse_overrides(args.set, args.overrides), cli.variants(args), args.accel, args.resume)
         print(page(c)) if args.dry_run else run(c)
 
     return cli.guarded(go)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,20 +16,82 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pipeline import cli
-from pipeline.config import ConfigError, PrepareConfig, Resolved, SourceConfig
-from pipeline.data.sources import DATASETS
-from pipeline.plan import Item, Plan, base_model_input, dir_output, repo_path
+from pipeline.core.errors import ConfigError, StageError
+from pipeline.core.paths import repo_path
+from pipeline.core.resolved import Resolved
+from pipeline.core.strict import Key, at_least, share
+from pipeline.data import sources
+from pipeline.data.decontam import Index
+from pipeline.data.inline import run_inline_checks
+from pipeline.data.mix import MixConfig
+from pipeline.data.sources import SOURCES
+from pipeline.data.sources.base import SourceConfig
+from pipeline.evaluation import evalsets
+from pipeline.stage import cli
+from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output
+from pipeline.stage.resolve import resolve
+from pipeline.stage.spec import Stage
+from pipeline.tracking import fingerprints, runs
 
-STAGE = "prepare"
 POOLS = ("sft.jsonl", "sft_eval.jsonl", "pref.jsonl", "pref_eval.jsonl")
 OUTPUT_FILES = (*POOLS, "manifest.json", "DATA_CARD.md")
 SMALL = 20_000  # below this many records, cleaning runs in-process (worker start-up would cost more than it saves)
 log = logging.getLogger("pipeline.prepare")
+
+
+@dataclass
+class FilterConfig:
+    min_cn_ratio: float = 0.3
+    allow_english_fallback: bool = True
+    min_chars: int = 2                   # a turn shorter than this after normalising counts as empty
+    over_length: Literal["drop", "truncate"] = "drop"  # rows over the largest bucket edge: dropped, or cut by turns
+
+    def check(self, key: Key) -> list[str]:
+        return share(key, "min_cn_ratio", self.min_cn_ratio) + at_least(key, self, ("min_chars",))
+
+
+@dataclass
+class DecontamConfig:
+    ngram: int = 13                      # n (zh characters / en words) of a shared span that drops a row; 0 = off
+
+    def check(self, key: Key) -> list[str]:
+        return [] if self.ngram >= 0 else [f"{key('ngram')} must be >= 0 (0 = off); got {self.ngram}"]
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[SourceConfig]
+    model: str = "qwen2.5-7b-instruct"
+    output_dir: str = "outputs/data/default"
+    seed: int = 42
+    eval_fraction: float = 0.02          # share of conversation trees / prompts held out as *_eval.jsonl
+    num_proc: int | None = None          # worker processes for the cleaning and token maps; null = every core
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    buckets: list[int] = field(default_factory=lambda: [256, 1024, 2048, 4096])
+    mix: MixConfig = field(default_factory=MixConfig)
+
+    def check(self, key: Key) -> list[str]:
+        edges = self.buckets
+        problems = share(key, "eval_fraction", self.eval_fraction)
+        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            problems.append(f"{key('buckets')} must be positive and strictly ascending; got {edges}")
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"{key('sources')} lists {', '.join(dupes)} more than once")
+        for i, s in enumerate(self.sources):
+            problems += sources.check(s, lambda name, i=i: key(f"sources.{i}.{name}"))
+        problems += at_least(key, self, ("num_proc",), nullable=True)
+        for kind in ("sft", "pref"):
+            problems += getattr(self.mix, kind).check_against(lambda name, k=kind: key(f"mix.{k}.{name}"), names,
+                                                              len(edges))
+        return problems
+
 
 
 @dataclass
@@ -45,12 +107,10 @@ class PrepareResult:
 
 
 def plan(r: Resolved) -> Plan:
-    from pipeline.data.inline import run_inline_checks
-
     cfg = r.cfg
-    sources = [Item(f"source {s.name}", (s.path or f"{s.hub_id} @ {s.revision}") + _options(s),
-                    ("exists" if repo_path(s.path).exists() else "MISSING") if s.path else "read from the hub")
-               for s in cfg.sources]
+    inputs = [Item(f"source {s.name}", (s.path or f"{s.hub_id} @ {s.revision}") + _options(s),
+                   ("exists" if repo_path(s.path).exists() else "MISSING") if s.path else "read from the hub")
+              for s in cfg.sources]
     return Plan(r, facts=[
         ("parsers", run_inline_checks([s.name for s in cfg.sources])),
         ("filters", f"min_cn_ratio {cfg.filters.min_cn_ratio}, English fallback "
@@ -62,7 +122,7 @@ def plan(r: Resolved) -> Plan:
                      f"zh_smoke or a mirrored eval set" if cfg.decontam.ngram else "off"),
         ("mix", f"zh share of tokens: sft {cfg.mix.sft.zh_share}, pref {cfg.mix.pref.zh_share}; "
                 f"on shortfall: {cfg.mix.on_shortfall}; max repeats {cfg.mix.max_repeats}; seed {cfg.seed}"),
-    ], inputs=[*sources, base_model_input(r)],
+    ], inputs=[*inputs, base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "pools + manifest + data card")]
                + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES])
 
@@ -70,15 +130,13 @@ def plan(r: Resolved) -> Plan:
 def _options(s: SourceConfig) -> str:
     opts = {k: getattr(s, k) for k in ("subsets", "splits", "max_rows", "min_score_ratio", "chosen_by")}
     shown = ", ".join(f"{k} {v}" for k, v in opts.items() if v is not None)
-    return f" ({shown}; licence {DATASETS[s.name].licence})" if shown else f" (licence {DATASETS[s.name].licence})"
+    return f" ({shown}; licence {SOURCES[s.name].licence})" if shown else f" (licence {SOURCES[s.name].licence})"
 
 
 def run(r: Resolved) -> PrepareResult:
-    from pipeline import tracking
-
     cfg: PrepareConfig = r.cfg
     _check_paths(cfg, r.config_path)
-    with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name):
+    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name):
         with tempfile.TemporaryDirectory(prefix="zh-align-prepare-") as tmp:
             built = build(r, Path(tmp))
             out = repo_path(cfg.output_dir)
@@ -117,7 +175,7 @@ def build(r: Resolved, tmp: Path) -> Built:
     steps: dict[str, dict] = {s.name: {} for s in cfg.sources}
     records = pool.read_sources(cfg, steps, tmp)
     num_proc = cfg.num_proc or (os.cpu_count() if len(records) >= SMALL else None)
-    index, eval_sets = pool.eval_index(r)
+    index, eval_sets = eval_index(r)
     pools: dict[str, Any] = {}
     for kind in ("sft", "pref"):
         part = pool.of_kind(records, kind)
@@ -131,14 +189,25 @@ def build(r: Resolved, tmp: Path) -> Built:
                         st.get("skipped") or "none", why or "none")
     for name in ("sft.jsonl", "pref.jsonl"):
         if rows[name] == 0:
-            raise cli.StageError(pool.empty_reason(name.split(".")[0], steps))
+            raise StageError(pool.empty_reason(name.split(".")[0], steps))
     for name in ("sft_eval.jsonl", "pref_eval.jsonl"):
         if rows[name] == 0:
             log.warning("%s is empty: no tree / prompt fell into the eval split (eval_fraction %s)", name,
                         cfg.eval_fraction)
     mix = {kind: pool.epoch0(pools[f"{kind}.jsonl"], kind, cfg) for kind in ("sft", "pref")}
-    reached = [n for n, s in steps.items() if s.get("kept", 0) and DATASETS[n].noncommercial]
+    reached = [n for n, s in steps.items() if s.get("kept", 0) and SOURCES[n].noncommercial]
     return Built(pools, steps, rows, mix, reached, r.model.ref, eval_sets)
+
+
+def eval_index(r: Resolved) -> tuple[Any, list[str]]:
+    """The n-gram index of every eval item with a local copy: the shipped zh_smoke and the mirrors the evaluate
+    config of this hardware profile names. (None, []) when `decontam.ngram` is 0."""
+    if not r.cfg.decontam.ngram:
+        return None, []
+    mirrors = {"zh_smoke": str(evalsets.ZH_SMOKE)}
+    mirrors.update({t: str(repo_path(f)) for t, f in resolve("evaluate", hw=r.hw.name).cfg.mirrors.items()
+                    if repo_path(f).is_dir()})
+    return Index(evalsets.eval_items(mirrors), r.cfg.decontam.ngram), sorted(mirrors)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,8 +237,6 @@ def _write_all(built: Built, r: Resolved, out: Path) -> list[Path]:
 
 
 def _track(built: Built, written: list[Path], out: Path) -> None:
-    from pipeline import tracking
-
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     metrics: dict[str, float] = {f"rows.{n.removesuffix('.jsonl')}": v for n, v in built.rows.items()}
     for kind, rep in built.mix.items():
@@ -183,22 +250,24 @@ def _track(built: Built, written: list[Path], out: Path) -> None:
                 metrics[f"{name}.{kind}.parsed"] = s[kind]["parsed"]
                 metrics[f"{name}.{kind}.kept"] = s[kind]["kept"]
                 metrics[f"{name}.{kind}.tokens"] = s[kind]["tokens"]
-    tracking.log_metrics(metrics)
-    tracking.log_artifacts([p for p in written if p.name not in POOLS], "data")
+    runs.log_metrics(metrics)
+    runs.log_artifacts([p for p in written if p.name not in POOLS], "data")
     for name in POOLS:
         info = manifest["outputs"][name]
-        tracking.log_file_input(out / name, name=name.removesuffix(".jsonl"), digest=info["sha256"],
+        runs.log_file_input(out / name, name=name.removesuffix(".jsonl"), digest=info["sha256"],
                                 context="eval" if "eval" in name else "train", tags={"rows": info["rows"]})
-    tracking.set_tags({"licence.noncommercial": str(bool(built.noncommercial)).lower(),
+    runs.set_tags({"licence.noncommercial": str(bool(built.noncommercial)).lower(),
                        "licence.noncommercial_sources": ",".join(built.noncommercial) or "none"})
     if built.noncommercial:
         log.warning("non-commercial or unclear licences reached the output: %s (run tagged licence.noncommercial)",
                     ", ".join(built.noncommercial))
 
+STAGE = Stage("prepare", PrepareConfig, plan, run, __doc__.split("\n\n")[0], key_metrics=("rows.",),
+              checks={"data_manifest": fingerprints.manifest_digest})
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(STAGE, plan, run, argv, __doc__.split("\n\n")[0])
+    return cli.main(STAGE, argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cli import StageError, add_common, guarded, setup_logging
-from pipeline.config import parse_overrides, resolve
+from pipeline.core.errors import StageError
+from pipeline.core.strict import parse_overrides
+from pipeline.models.loading import same_base
+from pipeline.stage.cli import add_common, guarded, setup_logging
+from pipeline.stage.resolve import resolve
+from pipeline.tracking import model_registry
+from pipeline.training.probes import check_probe_logits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,26 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     add_common(q)
     args = parser.parse_args(argv)
     setup_logging()
-    from pipeline import tracking
-
     if args.command == "promote":
-        return guarded(lambda: print(tracking.promote(args.model, args.version, args.alias, args.force)))
+        return guarded(lambda: print(model_registry.promote(args.model, args.version, args.alias, args.force)))
     return guarded(lambda: pull(args))
 
 
 def pull(args: argparse.Namespace) -> None:
-    from pipeline import export, tracking
-    from pipeline.align import same_base
-
     r = resolve("export", hw=args.hw, overrides=parse_overrides(args.set, args.overrides))
     base = f"{r.model.hub_id or r.model.name} (model {r.model.name}, HW={r.hw.name})"
-    dest = tracking.pull(args.model, Path(args.dest), args.overwrite, base=base,
-                         same_base=lambda recorded: same_base(recorded, r))
+    dest = model_registry.pull(args.model, Path(args.dest), args.overwrite, base=base,
+                               same_base=lambda recorded: same_base(recorded, r.model))
     print(f"pulled {args.model} into {dest}")
     if args.verify:
         if (dest / "adapter_config.json").exists():
             raise StageError(f"{args.model} is an adapter: --verify checks merged models (load it with PEFT instead)")
-        print(f"verified: max |logit − logged at export| = {export.check_probe_logits(dest):.2e}")
+        print(f"verified: max |logit − logged at export| = {check_probe_logits(dest):.2e}")
 
 
 if __name__ == "__main__":

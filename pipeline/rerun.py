@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shlex
@@ -34,14 +33,17 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import StageError, guarded, setup_logging
-from pipeline.config import ROOT, STAGES, load_model, load_profile
-from pipeline.plan import yaml_value
+from pipeline.core.errors import StageError
+from pipeline.core.paths import ROOT, shown
+from pipeline.core.profiles import load_model, load_profile
+from pipeline.core.strict import parse_overrides, yaml_value
+from pipeline.data.prepared import DataRef, pool_folder
+from pipeline.stage import cli
+from pipeline.stage.spec import get, names, stages
+from pipeline.tracking import runs
 
-# Start points that may be given as a moving alias, and the run tag holding the exact source the run used.
 RERUN_ALIAS = "rerun"
 RERUN_DIR = ROOT / "outputs" / "rerun"
-PINNED = {"align": ("start_from", "start_from"), "evaluate": ("adapter", "eval.target"), "export": ("adapter", "adapter")}
 
 
 @dataclass
@@ -54,35 +56,23 @@ class Rerun:
     overrides: list[tuple[str, Any]]
     experiment_id: str          # the original's experiment: the rerun lands beside it
     notes: list[str] = field(default_factory=list)
-    loss: str = ""              # a pipeline's alignment loss
+    variants: dict[str, str] = field(default_factory=dict)  # a pipeline's variant flags as it logged them (loss)
 
     def parameters(self) -> dict[str, str]:
         overrides = " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in self.overrides)
         if self.stage == "pipeline":
-            return {"hw": self.hw, "dry_run": "false", "overrides": overrides, "loss": self.loss, "accel": "",
+            return {"hw": self.hw, "dry_run": "false", "overrides": overrides, **self.variants, "accel": "",
                     "resume": ""}
-        params = {"config": _shown(self.folder / f"{self.stage}.yaml"), "hw": self.hw, "dry_run": "false",
-                  "overrides": overrides}
-        if self.stage in ("sft", "align"):
-            params["accel"] = ""
-        if self.stage == "align":
-            params["loss"] = ""
-        return params
-
-
-def _shown(path: Path) -> str:
-    """A path as configs take it: relative to the repository when inside it."""
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        return get(self.stage).parameters(hw=self.hw, overrides=overrides,
+                                          config=shown(self.folder / f"{self.stage}.yaml"))
 
 
 def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
     """Check the run can be re-run as it was and write its config; raise StageError saying why not."""
-    from pipeline import tracking
-
-    run = tracking.get_run(run_id)
+    run = runs.get_run(run_id)
     stage, status = run.data.tags.get("stage"), run.info.status
-    if stage not in (*STAGES, "pipeline"):
-        raise StageError(f"run {run_id} is a {stage or 'untagged'} run; only the runs of {', '.join(STAGES)} and "
+    if stage not in (*names(), "pipeline"):
+        raise StageError(f"run {run_id} is a {stage or 'untagged'} run; only the runs of {', '.join(names())} and "
                          f"pipeline runs can be re-run")
     if status != "FINISHED":
         how = "`make pipeline RESUME=<id>`" if stage == "pipeline" else "`SET=train.resume=auto` (training stages)"
@@ -90,26 +80,27 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
                          f"with {how})")
     if stage == "pipeline":
         return _pipeline_rerun(run, out)
-    logged = yaml.safe_load(tracking.run_artifact_text(run_id, "resolved_config.yaml"))
+    spec = get(stage)
+    logged = yaml.safe_load(runs.run_artifact_text(run_id, "resolved_config.yaml"))
     cfg, notes = dict(logged["config"]), []
     folder = out / run_id
-    cfg["output_dir"] = _shown(folder / "out")
+    cfg["output_dir"] = shown(folder / "out")
     if "register" in cfg:  # a new version, but the aliases users rely on (candidate, champion) stay where they are
         cfg["register"] = {**cfg["register"], "alias": RERUN_ALIAS}
         notes.append(f"registers a new version of {cfg['register']['name']} with alias @{RERUN_ALIAS}")
-    if stage == "evaluate" and cfg.get("write_back"):  # a re-measurement leaves the evaluated runs as they are
-        cfg["write_back"] = False
-        notes.append("write_back off: the training run and its registered version keep their scores")
-    if stage in PINNED:
-        key, tag = PINNED[stage]
+    for key, (value, why) in spec.rerun_sets.items():  # e.g. a re-measurement leaves what the first run wrote
+        if cfg.get(key) != value:
+            cfg[key] = value
+            notes.append(f"{key} {why}")
+    for key, tag in spec.pinned.items():
         used = run.data.tags.get(tag, "")
         if used.startswith("models:/"):
             cfg[key] = used.removeprefix("models:/")
             notes.append(f"{key} pinned to {cfg[key]} (the version the run used)")
     _check_model(logged["model"], cfg["model"])
     overrides = _profile_overrides(logged["hw"], notes)
-    if stage in ("sft", "align"):
-        _check_pool(cfg["data"], "sft" if stage == "sft" else "pref", run.data.params.get("data.sha256", ""), run_id)
+    if spec.pool:
+        _check_pool(cfg["data"], spec.pool, run.data.params.get("data.sha256", ""), run_id)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stage}.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return Rerun(run_id, stage, logged["hw"]["name"], folder, overrides, run.info.experiment_id, notes)
@@ -118,9 +109,6 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
 def _pipeline_rerun(run: Any, out: Path) -> Rerun:
     """The whole chain again from the overrides the pipeline run logged, into outputs/rerun/<id>/<stage>, its
     registered versions aliased `rerun`, the profile as the run logged it."""
-    from pipeline import tracking
-    from pipeline.config import parse_overrides
-
     run_id, params = run.info.run_id, run.data.params
     if "pipeline.overrides" not in params:
         raise StageError(f"pipeline run {run_id} did not log its overrides (made by an older version); re-run its "
@@ -128,17 +116,19 @@ def _pipeline_rerun(run: Any, out: Path) -> Rerun:
                                                               for k, v in run.data.tags.items()
                                                               if k.startswith("child.")))
     folder, notes = out / run_id, []
-    logged = yaml.safe_load(tracking.run_artifact_text(run.data.tags["child.prepare"], "resolved_config.yaml"))
+    first = stages()[0].name
+    logged = yaml.safe_load(runs.run_artifact_text(run.data.tags[f"child.{first}"], "resolved_config.yaml"))
+    registering = [s.name for s in stages() if "register" in {f.name for f in dataclasses.fields(s.config)}]
     overrides = [*parse_overrides(json.loads(params["pipeline.overrides"])), *_profile_overrides(logged["hw"], notes),
-                 *((f"{s}.output_dir", _shown(folder / s)) for s in STAGES),
-                 *((f"{s}.register.alias", RERUN_ALIAS) for s in ("sft", "align", "export"))]
-    notes.append(f"outputs under {_shown(folder)}/<stage>; registered versions get the alias @{RERUN_ALIAS}")
-    then, now = run.data.tags.get("git.sha", "?"), tracking.git_state()["git.sha"]
+                 *((f"{s}.output_dir", shown(folder / s)) for s in names()),
+                 *((f"{s}.register.alias", RERUN_ALIAS) for s in registering)]
+    notes.append(f"outputs under {shown(folder)}/<stage>; registered versions get the alias @{RERUN_ALIAS}")
+    then, now = run.data.tags.get("git.sha", "?"), runs.git_state()["git.sha"]
     if then != now:
         notes.append(f"the code has changed since: git {then[:10]} → {now[:10]}")
     folder.mkdir(parents=True, exist_ok=True)
-    return Rerun(run_id, "pipeline", run.data.tags["hw"], folder, overrides, run.info.experiment_id, notes,
-                 params.get("pipeline.loss", ""))
+    variants = {flag: params.get(f"pipeline.{flag}", "") for flag in {s.variant_flag for s in stages() if s.variant_flag}}
+    return Rerun(run_id, "pipeline", run.data.tags["hw"], folder, overrides, run.info.experiment_id, notes, variants)
 
 
 def _check_model(logged: dict[str, Any], name: str) -> None:
@@ -159,9 +149,6 @@ def _profile_overrides(logged: dict[str, Any], notes: list[str]) -> list[tuple[s
 
 
 def _check_pool(data: dict[str, Any], kind: str, digest: str, run_id: str) -> None:
-    from pipeline.config import DataRef
-    from pipeline.train import pool_folder
-
     folder, _ = pool_folder(DataRef(**data))
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     now = manifest["outputs"][f"{kind}.jsonl"]["sha256"]
@@ -173,43 +160,23 @@ def _check_pool(data: dict[str, Any], kind: str, digest: str, run_id: str) -> No
 
 
 def compare(old_id: str, new_id: str, stage: str) -> dict[str, Any]:
-    """What came out the same: {check: {"identical": bool, "before": …, "after": …}}."""
-    from pipeline import tracking
-
-    old, new = tracking.get_run(old_id), tracking.get_run(new_id)
+    """What came out the same, by the stage's declared checks: {check: {"identical": bool, "before": …, "after": …}}."""
+    old, new = runs.get_run(old_id), runs.get_run(new_id)
     checks: dict[str, Any] = {}
-
-    def check(name: str, before: Any, after: Any) -> None:
+    for name, fingerprint in get(stage).checks.items():
+        before, after = fingerprint(old), fingerprint(new)
         checks[name] = {"identical": before == after, "before": before, "after": after}
-
-    if stage == "prepare":
-        digest = [hashlib.sha256(tracking.run_artifact_text(i, "data/manifest.json").encode()).hexdigest()
-                  for i in (old_id, new_id)]
-        check("data_manifest", *digest)
-    if stage in ("sft", "align"):
-        check("data_pool", old.data.params.get("data.sha256"), new.data.params.get("data.sha256"))
-    if stage in ("sft", "align", "export"):
-        weights = [sorted(tracking.registered_fingerprints(i).values(), key=json.dumps) for i in (old_id, new_id)]
-        check("weights", *weights)
-    if stage in ("sft", "align"):
-        check("final_loss", old.data.metrics.get("loss"), new.data.metrics.get("loss"))
-    if stage == "evaluate":
-        scores = [{k: v for k, v in sorted(r.data.metrics.items()) if k.startswith(("eval/", "delta/"))}
-                  for r in (old, new)]
-        check("scores", *scores)
     return checks
 
 
 def compare_pipelines(old_id: str, new_id: str) -> dict[str, Any]:
     """Each stage's checks, prefixed `<stage>.`; each new child is tagged `rerun_of` its counterpart."""
-    from pipeline import tracking
-
-    old, new = (tracking.get_run(i).data.tags for i in (old_id, new_id))
+    old, new = (runs.get_run(i).data.tags for i in (old_id, new_id))
     checks: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in names():
         before, after = old[f"child.{stage}"], new[f"child.{stage}"]
         checks.update({f"{stage}.{k}": c for k, c in compare(before, after, stage).items()})
-        tracking.log_to_run(after, {}, {"rerun_of": before}, [], "")
+        runs.log_to_run(after, {}, {"rerun_of": before}, [], "")
     return checks
 
 
@@ -234,19 +201,17 @@ def _short(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.rerun", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-id", required=True,
-                        help="a FINISHED run of prepare, sft, align, evaluate, export, or of the pipeline")
+                        help=f"a FINISHED run of {', '.join(names())}, or of the pipeline")
     parser.add_argument("--dry-run", action="store_true", help="check and show what would run; launch nothing")
     parser.add_argument("--out", type=Path, default=RERUN_DIR, help="where <run id>/ goes (default: outputs/rerun)")
     args = parser.parse_args(argv)
-    setup_logging()
+    cli.setup_logging()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return guarded(lambda: execute(args.run_id.strip(), args.out.resolve(), args.dry_run))
+    return cli.guarded(lambda: execute(args.run_id.strip(), args.out.resolve(), args.dry_run))
 
 
 def execute(run_id: str, out: Path, dry_run: bool) -> None:
     """Show the rerun; unless a dry run, launch it, compare, tag the new run and print the report."""
-    from pipeline import tracking
-
     rerun = prepare_rerun(run_id, out)
     params = rerun.parameters()
     print(f"re-running {rerun.stage} run {rerun.run_id}: mlflow run . -e {rerun.stage} "
@@ -255,19 +220,20 @@ def execute(run_id: str, out: Path, dry_run: bool) -> None:
         print(f"  note: {note}")
     if dry_run:
         return
-    new_id, status = tracking.run_entry_point(rerun.stage, params, experiment_id=rerun.experiment_id,
+    new_id, status = runs.run_entry_point(rerun.stage, params, experiment_id=rerun.experiment_id,
                                              run_name=f"{rerun.stage}-{rerun.hw}-rerun")
     if status != "FINISHED":
         raise StageError(f"the rerun {new_id} ended {status}: "
-                         f"{tracking.get_run(new_id).data.tags.get('error', 'see its logs/ artifact')}")
+                         f"{runs.get_run(new_id).data.tags.get('error', 'see its logs/ artifact')}")
     checks = compare_pipelines(rerun.run_id, new_id) if rerun.stage == "pipeline" else \
         compare(rerun.run_id, new_id, rerun.stage)
     tags = {"rerun_of": rerun.run_id, **{f"rerun.{k}": str(c["identical"]).lower() for k, c in checks.items()}}
     record = rerun.folder / "rerun.json"
     record.write_text(json.dumps({"rerun_of": rerun.run_id, "run_id": new_id, "notes": rerun.notes,
                                   "checks": checks}, ensure_ascii=False, indent=2), encoding="utf-8")
-    tracking.log_to_run(new_id, {}, tags, [record], "rerun")
+    runs.log_to_run(new_id, {}, tags, [record], "rerun")
     print(report(rerun, new_id, checks))
+
 
 if __name__ == "__main__":
     sys.exit(main())

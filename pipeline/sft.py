@@ -8,14 +8,33 @@ has none; precision, batch, max_length, checkpointing, QLoRA and Liger from the 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pipeline import cli
-from pipeline.config import Resolved
-from pipeline.plan import Item, Plan, base_model_input, data_input, dir_output, registry_output, repo_path
+from pipeline.core.paths import repo_path
+from pipeline.core.resolved import Resolved
+from pipeline.data import prepared
+from pipeline.data.clean import with_system
+from pipeline.models.loading import LoraConfig, check_device, load_for_training
+from pipeline.stage import cli
+from pipeline.stage.dryrun import Item, Plan, base_model_input, data_input, dir_output, log_backend_fact, registry_output
+from pipeline.stage.spec import Stage
+from pipeline.tracking import fingerprints, runs
+from pipeline.training import trainer as T
+from pipeline.training.config import TrainConfig, TrainingStageConfig
 
-STAGE = "sft"
+
+@dataclass
+class SftTrainConfig(TrainConfig):
+    packing: bool = False
+
+
+@dataclass(kw_only=True)
+class SftConfig(TrainingStageConfig):
+    output_dir: str = "outputs/sft/default"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: SftTrainConfig = field(default_factory=SftTrainConfig)
 
 
 @dataclass
@@ -45,7 +64,7 @@ def plan(r: Resolved) -> Plan:
         ("checkpoints", f"every {t.save_steps} steps (keep {t.save_total_limit}); eval every {t.eval_steps}; resume "
                         f"{t.resume or 'off'}; early stopping "
                         f"{f'after {t.early_stopping_patience} evals' if t.early_stopping_patience else 'off'}"),
-        ("log backend", f"MLflow + {cfg.log_backend}" if cfg.log_backend != "none" else "MLflow"),
+        log_backend_fact(cfg.log_backend),
     ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),
                 Item("adapter", f"{cfg.output_dir}/adapter", "safetensors + tokenizer + chat template"),
@@ -53,41 +72,42 @@ def plan(r: Resolved) -> Plan:
 
 
 def run(r: Resolved) -> SftResult:
-    from pipeline import models, tracking, train
-
     cfg = r.cfg
-    models.check_device(r.hw)
-    pool = train.load_pool(cfg.data, "sft", r)
+    check_device(r.hw)
+    pool = prepared.load_pool(cfg.data, "sft", r)
     out = repo_path(cfg.output_dir)
-    tags = train.data_tags(pool)
-    with tracking.start_run(STAGE, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
-        rows, report = train.order(pool, cfg.train.epochs)
-        train.log_data(pool, rows, report)
-        done = train.fit(r, STAGE, lambda: _trainer(r, pool, rows, out), out, tags)
+    tags = prepared.data_tags(pool)
+    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+        rows, report = prepared.order(pool, cfg.train.epochs)
+        T.log_data(pool, rows, report)
+        done = T.fit(r, STAGE.name, lambda: _trainer(r, pool, rows, out), out, tags)
     return SftResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, done.registered)
 
 
-def _trainer(r: Resolved, pool: Any, rows: list[int], out) -> tuple[Any, Any]:
+def _trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path) -> tuple[Any, Any]:
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
-
-    from pipeline import models, train
-    from pipeline.data.clean import with_system
 
     cfg, hw = r.cfg, r.hw
     system = r.model.system_prompt
     data = Dataset.from_list([{"messages": with_system(pool.train[i]["messages"], system)} for i in rows])
     held = Dataset.from_list([{"messages": with_system(x["messages"], system)} for x in pool.eval]) if pool.eval else None
     set_seed(cfg.train.seed)  # the LoRA init draws from the RNG: the same seed gives the same starting adapter
-    model, tokenizer = models.load_for_training(r.model, hw, cfg.lora, cfg.qlora)
-    trainer = train.build_trainer(SFTTrainer, SFTConfig, r, model, tokenizer, data, held, out,
-                                  assistant_only_loss=True, packing=cfg.train.packing)
+    model, tokenizer = load_for_training(r.model, hw, cfg.lora, cfg.qlora)
+    trainer = T.build_trainer(SFTTrainer, SFTConfig, r, model, tokenizer, data, held, out,
+                              assistant_only_loss=True, packing=cfg.train.packing)
     return trainer, tokenizer
 
 
+STAGE = Stage("sft", SftConfig, plan, run, __doc__.split("\n\n")[0], links={"data.run_id": "prepare"},
+              key_metrics=T.KEY_METRICS, pool="sft", accel=True,
+              checks={"data_pool": fingerprints.pool_digest, "weights": fingerprints.weights,
+                      "final_loss": fingerprints.final_loss})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(STAGE, plan, run, argv, __doc__.split("\n\n")[0])
+    return cli.main(STAGE, argv)
 
 
 if __name__ == "__main__":

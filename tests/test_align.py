@@ -11,9 +11,12 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import align, preference, prepare, sft, train
-from pipeline.cli import StageError
-from pipeline.config import parse_overrides, resolve
+from pipeline import align, prepare, sft
+from pipeline.core.errors import StageError
+from pipeline.core.strict import parse_overrides
+from pipeline.data import prepared
+from pipeline.stage.resolve import resolve
+from pipeline.training import preference
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.eval_steps=100", "train.save_steps=100"]
 
@@ -30,7 +33,7 @@ def world(module_store):
 
 
 def resolved(world, loss: str, *sets: str):
-    return resolve("align", hw="cpu", loss=loss, overrides=parse_overrides(
+    return resolve("align", hw="cpu", variant=loss, overrides=parse_overrides(
         [f"data.path={world['pool']}", f"output_dir={world['tmp'] / loss}", *FAST, *sets]))
 
 
@@ -53,7 +56,7 @@ def test_the_rdpo_length_penalty_matches_a_hand_computation():
 def test_dpo_starts_at_ln2_without_the_penalty_and_its_margin_grows(world):
     r = resolved(world, "dpo", "length_penalty=0.0", "train.max_steps=8", "train.lr=5e-3", "train.warmup_ratio=0.0",
                  f"start_from={world['adapter']}")
-    p = train.load_pool(r.cfg.data, "pref", r)
+    p = prepared.load_pool(r.cfg.data, "pref", r)
     trainer, _ = align._trainer(r, p, [0, 1, 2, 3] * 8, world["tmp"] / "dpo-ln2", world["adapter"])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -63,7 +66,7 @@ def test_dpo_starts_at_ln2_without_the_penalty_and_its_margin_grows(world):
 
 def test_orpo_labels_end_with_a_single_end_token(world):
     r = resolved(world, "orpo", f"start_from={world['adapter']}")
-    p = train.load_pool(r.cfg.data, "pref", r)
+    p = prepared.load_pool(r.cfg.data, "pref", r)
     trainer, tok = align._trainer(r, p, [0, 1], world["tmp"] / "orpo-labels", world["adapter"])
     batch = next(iter(trainer.get_train_dataloader()))
     end = tok.convert_tokens_to_ids("<|im_end|>")

@@ -12,8 +12,10 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pipeline import config as C
-from pipeline.config import ROOT
+from pipeline.core.paths import ROOT
+from pipeline.core.profiles import DEFAULT_HW
+from pipeline.stage import cli
+from pipeline.stage.spec import get, names
 
 MLPROJECT = yaml.safe_load((ROOT / "MLproject").read_text(encoding="utf-8"))
 ENTRY_POINTS = MLPROJECT["entry_points"]
@@ -29,7 +31,7 @@ def _make_targets() -> dict[str, str]:
 
 
 def test_every_stage_plan_and_pipeline_is_an_entry_point_with_a_module():
-    assert set(ENTRY_POINTS) == {*C.STAGES, "plan", "pipeline"}
+    assert set(ENTRY_POINTS) == {*names(), "plan", "pipeline"}
     for name in ENTRY_POINTS:
         assert callable(importlib.import_module(f"pipeline.{name}").main)
         assert (ROOT / "pipeline" / f"{name}.py").is_file()
@@ -58,11 +60,11 @@ def test_parameters_are_launch_choices_whose_defaults_match_the_cli():
         elif name != "plan":
             assert {"config", "hw", "dry_run", "overrides"} <= set(params)
             assert params["dry_run"]["default"] == "true"
-            parser = importlib.import_module("pipeline.cli").make_parser(name)
+            parser = cli.make_parser(get(name))
             assert parser.parse_args([]).dry_run is True
     assert "loss" in ENTRY_POINTS["align"]["parameters"]
     assert all("accel" in ENTRY_POINTS[s]["parameters"] for s in ("sft", "align"))
-    assert re.search(r"^HW \?= (\S+)$", MAKEFILE, re.M).group(1) == C.DEFAULT_HW
+    assert re.search(r"^HW \?= (\S+)$", MAKEFILE, re.M).group(1) == DEFAULT_HW
 
 
 def test_makefile_declares_the_variables_and_targets():
@@ -76,7 +78,7 @@ def test_makefile_declares_the_variables_and_targets():
     assert required <= set(targets)
     phony = set(re.search(r"^\.PHONY: (.+)$", MAKEFILE, re.M).group(1).split())
     assert set(targets) <= phony
-    for stage in C.STAGES:
+    for stage in names():
         body = MAKEFILE.split(f"\n{stage}: ", 1)[1].split("\n\n", 1)[0]
         assert f"$(call stage,{stage}" in body
 

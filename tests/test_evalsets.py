@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.evalsets import LETTERS, ZH_SMOKE, check_mirror, check_tasks, eval_items, write_task_yamls
+from pipeline.evaluation.evalsets import LETTERS, ZH_SMOKE, check_mirror, check_tasks, eval_items, write_task_yamls
 
 CMMLU_ROWS = {  # written for this test, in CMMLU's published layout
     "agronomy": [("下列哪种作物属于豆科？", "水稻", "大豆", "小麦", "玉米", "B"),
@@ -23,8 +23,8 @@ CMMLU_ROWS = {  # written for this test, in CMMLU's published layout
 
 @pytest.fixture(scope="module")
 def tiny_path() -> Path:
-    from pipeline.config import load_model
-    from pipeline.models import tiny_model_dir
+    from pipeline.core.profiles import load_model
+    from pipeline.models.tiny import tiny_model_dir
 
     return tiny_model_dir(load_model("tiny-qwen2"))
 

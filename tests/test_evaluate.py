@@ -11,8 +11,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import evaluate, forgetting, prepare, sft
-from pipeline.config import ConfigError, parse_overrides, resolve
+from pipeline import evaluate, prepare, sft
+from pipeline.core.errors import ConfigError
+from pipeline.core.strict import parse_overrides
+from pipeline.evaluation import forgetting
+from pipeline.stage.resolve import resolve
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=5", "train.eval_steps=100", "train.save_steps=100"]
 

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from pipeline import align, export, prepare, sft
-from pipeline.config import load_model, parse_overrides, resolve
+from pipeline.core.profiles import load_model
+from pipeline.core.strict import parse_overrides
+from pipeline.stage.resolve import resolve
+from pipeline.training.probes import probe_inputs
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.eval_steps=100", "train.save_steps=100"]
 
@@ -22,7 +25,7 @@ def exported(module_store):
     assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
     common = [f"data.path={tmp / 'data'}", "train.max_steps=3", "train.lr=1e-2", *FAST]
     sft.run(resolve("sft", hw="cpu", overrides=parse_overrides([*common, f"output_dir={tmp / 'sft'}"])))
-    align.run(resolve("align", hw="cpu", loss="orpo", overrides=parse_overrides([*common, f"output_dir={tmp / 'orpo'}"])))
+    align.run(resolve("align", hw="cpu", variant="orpo", overrides=parse_overrides([*common, f"output_dir={tmp / 'orpo'}"])))
     result = export.run(resolve("export", hw="cpu", overrides=parse_overrides([f"output_dir={tmp / 'merged'}"])))
     return {"tmp": tmp, "out": tmp / "merged", "result": result}
 
@@ -32,7 +35,7 @@ def logits(folder: Path) -> torch.Tensor:
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = export.probe_inputs(tokenizer, load_model("tiny-qwen2").system_prompt)
+    batch = probe_inputs(tokenizer, load_model("tiny-qwen2").system_prompt)
     with torch.no_grad():
         return model(**batch).logits
 
@@ -64,7 +67,7 @@ def test_the_registered_merged_model_pulls_and_loads_with_the_same_logits(export
 def test_a_foreign_adapter_is_refused_naming_both(tmp_path, mlflow_store):
     import json
 
-    from pipeline.cli import StageError
+    from pipeline.core.errors import StageError
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}))
     with pytest.raises(StageError, match=r"trained on base 'Qwen/Qwen2.5-7B-Instruct', but this export's base is tiny"):

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import get_training_chat_template
 
-from pipeline import models
-from pipeline.config import load_model
+from pipeline.core.profiles import load_model
+from pipeline.models import tiny as models
 
 ZH = [{"role": "user", "content": "你好，世界！请用一句话介绍长江。"},
       {"role": "assistant", "content": "长江是中国最长的河流，全长约六千三百公里。"}]

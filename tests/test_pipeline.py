@@ -11,9 +11,14 @@ import re
 import mlflow
 import pytest
 
-from pipeline import export, registry, rerun
 from pipeline import pipeline as chain_stage
-from pipeline.config import STAGES, ConfigError, parse_overrides
+from pipeline import registry, rerun
+from pipeline.core.errors import ConfigError, StageError
+from pipeline.core.strict import parse_overrides
+from pipeline.stage.spec import names
+from pipeline.training import probes
+
+STAGES = names()
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.max_steps=3", "train.logging_steps=1", "train.eval_steps=100",
         "train.save_steps=100"]
@@ -27,7 +32,7 @@ def chained(module_store):
     mp.chdir(tmp)  # the experiment's artifact root (./mlruns) lands here, not in the repository
     mp.setenv("ZH_ALIGN_EVAL_CACHE", str(tmp / "eval-base"))
     outputs = [f"{s}.output_dir={tmp / 'out' / s}" for s in STAGES]
-    c = chain_stage.chain("cpu", parse_overrides([*FAST, *outputs]), "orpo")
+    c = chain_stage.chain("cpu", parse_overrides([*FAST, *outputs]), {"align": "orpo"})
     result = chain_stage.run(c)
     yield {"tmp": tmp, "result": result, "client": mlflow.MlflowClient(), "overrides": [*FAST, *outputs]}
     mp.undo()
@@ -74,13 +79,13 @@ def test_pull_of_the_merged_model_reproduces_the_logits_logged_at_export(chained
     assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest), "--hw", "cpu",
                           "--verify"]) == 0
     assert "verified: max |logit − logged at export|" in capsys.readouterr().out
-    assert export.check_probe_logits(dest) <= 1e-5
-    record = json.loads((dest / export.PROBE_FILE).read_text(encoding="utf-8"))
-    assert any("你" in t for t in record["texts"]) and len(record["top_ids"][0]) == export.TOP_K
+    assert probes.check_probe_logits(dest) <= 1e-5
+    record = json.loads((dest / probes.PROBE_FILE).read_text(encoding="utf-8"))
+    assert any("你" in t for t in record["texts"]) and len(record["top_ids"][0]) == probes.TOP_K
     record["top_logits"][0][0] += 1.0  # a folder that is not the exported model is caught
-    (dest / export.PROBE_FILE).write_text(json.dumps(record), encoding="utf-8")
-    with pytest.raises(export.cli.StageError, match="differ from those logged at export"):
-        export.check_probe_logits(dest)
+    (dest / probes.PROBE_FILE).write_text(json.dumps(record), encoding="utf-8")
+    with pytest.raises(StageError, match="differ from those logged at export"):
+        probes.check_probe_logits(dest)
 
 
 def test_pull_refuses_an_adapter_of_another_base_naming_both(chained, capsys):
@@ -166,21 +171,21 @@ def test_dry_run_prints_every_stage_with_the_links_and_a_bad_key_stops_it(capsys
 
 
 def test_children_get_their_links_and_launch_choices():
-    c = chain_stage.chain("cpu", [("train.max_steps", 3)], "dpo", accel="ddp")
+    c = chain_stage.chain("cpu", [("train.max_steps", 3)], {"align": "dpo"}, accel="ddp")
     ids = {"prepare": "p1", "sft": "s1", "align": "a1"}
     align = c.parameters("align", ids)
     assert align["loss"] == "dpo" and align["accel"] == "ddp" and align["dry_run"] == "false"
     assert align["overrides"].split() == ["train.max_steps=3", "data.run_id=p1", "start_from=s1"]
     assert c.parameters("export", ids)["overrides"] == "adapter=a1" and "accel" not in c.parameters("export", ids)
     with pytest.raises(ConfigError, match="no stage has a key `lora_r`"):
-        chain_stage.chain("cpu", [("lora_r", 8)], None)
+        chain_stage.chain("cpu", [("lora_r", 8)], {})
     assert os.environ.get("MLFLOW_RUN_ID") is None
 
 
 def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_store, tmp_path, capsys):
     c = chain_stage.chain("cpu", parse_overrides([f"prepare.output_dir={tmp_path / 'data'}",
-                                                  "prepare.filters.min_chars=100000"]), None)
-    with pytest.raises(chain_stage.cli.StageError, match=r"stage prepare failed \(child run [0-9a-f]{32}, FAILED\)"):
+                                                  "prepare.filters.min_chars=100000"]), {})
+    with pytest.raises(StageError, match=r"stage prepare failed \(child run [0-9a-f]{32}, FAILED\)"):
         chain_stage.run(c)
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("zh-align-test").experiment_id])
@@ -196,7 +201,7 @@ def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_sto
 
 def test_resume_reuses_the_unchanged_children_and_runs_the_changed_stage(chained, capsys):
     earlier = chained["result"]
-    c = chain_stage.chain("cpu", parse_overrides([*chained["overrides"], "export.logits_tolerance=1e-3"]), "orpo",
+    c = chain_stage.chain("cpu", parse_overrides([*chained["overrides"], "export.logits_tolerance=1e-3"]), {"align": "orpo"},
                           resume=earlier.run_id)
     again = chain_stage.run(c)
     assert {s: again.children[s] for s in STAGES[:4]} == {s: earlier.children[s] for s in STAGES[:4]}
@@ -208,5 +213,5 @@ def test_resume_reuses_the_unchanged_children_and_runs_the_changed_stage(chained
     assert client.get_run(again.children["export"]).data.params["overrides"].endswith(
         f"logits_tolerance=1e-3 adapter={earlier.children['align']}'")
     assert "(reused from the resumed run)" in capsys.readouterr().out
-    with pytest.raises(chain_stage.cli.StageError, match="that is a sft run, not a pipeline run"):
-        chain_stage.run(chain_stage.chain("cpu", [], None, resume=earlier.children["sft"]))
+    with pytest.raises(StageError, match="that is a sft run, not a pipeline run"):
+        chain_stage.run(chain_stage.chain("cpu", [], {}, resume=earlier.children["sft"]))

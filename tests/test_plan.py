@@ -9,12 +9,16 @@ import sys
 
 import pytest
 
-from pipeline import config as C
 from pipeline import plan as P
-from pipeline.config import ROOT, ConfigError, resolve
+from pipeline.core.errors import ConfigError
+from pipeline.core.paths import ROOT
+from pipeline.core.profiles import available
+from pipeline.stage.dryrun import ESTIMATE_PENDING
+from pipeline.stage.resolve import resolve, split_overrides
+from pipeline.stage.spec import names
 
-STAGES = C.STAGES
-PROFILES = C.available("hw")
+STAGES = names()
+PROFILES = available("hw")
 
 
 def _main(stage):
@@ -31,7 +35,7 @@ def test_the_plan_of_every_stage_under_every_profile(stage, hw, capsys):
     assert out.startswith(f"━━ {stage} ━━ (HW={hw}, model {r.model.name})")
     assert f"mlflow run . -e {stage} --env-manager local" in out and f"-P hw={hw} -P dry_run=false" in out
     assert "tracking " in out and "experiment" in out and "HF_HOME=" in out and "HF_ENDPOINT=" in out
-    assert "  inputs\n" in out and "  outputs\n" in out and "estimate" in out and P.ESTIMATE_PENDING in out
+    assert "  inputs\n" in out and "  outputs\n" in out and "estimate" in out and ESTIMATE_PENDING in out
     assert r.model.ref in out and "resolved config" in out
 
 
@@ -96,13 +100,13 @@ def _tree() -> dict[str, int]:
 
 
 def test_plan_routes_overrides_to_the_stages_that_have_the_key():
-    routed = P.split_overrides([("model", "tiny-qwen3"), ("sft.lora.r", 8), ("hw.micro_batch", 1), ("beta", 0.1)])
+    routed = split_overrides([("model", "tiny-qwen3"), ("sft.lora.r", 8), ("hw.micro_batch", 1), ("beta", 0.1)])
     assert all(("model", "tiny-qwen3") in routed[s] for s in STAGES)
     assert routed["sft"].count(("lora.r", 8)) == 1 and ("lora.r", 8) not in routed["align"]
     assert all(("hw.micro_batch", 1) in routed[s] for s in STAGES)
     assert routed["align"] == [("model", "tiny-qwen3"), ("hw.micro_batch", 1), ("beta", 0.1)]
     with pytest.raises(ConfigError, match="no stage has a key `modle`; did you mean `model`"):
-        P.split_overrides([("modle", "x")])
+        split_overrides([("modle", "x")])
 
 
 def test_the_all_stage_page_shows_five_stages_and_collects_errors(capsys):

@@ -13,10 +13,15 @@ import mlflow
 import pytest
 
 from pipeline import prepare
-from pipeline.config import ROOT, ConfigError, SourceConfig, resolve
+from pipeline.core.errors import ConfigError
+from pipeline.core.paths import ROOT
 from pipeline.data import sources
-from pipeline.data.sources import DATASETS, Tally, list_files, records
+from pipeline.data.sources import SOURCES, Tally, records
+from pipeline.data.sources.base import BadRow, SourceConfig, rowwise
+from pipeline.data.sources.files import list_files
+from pipeline.data.sources.hh_rlhf import hh_turns
 from pipeline.data.text import classify, dedup_key, normalise, script
+from pipeline.stage.resolve import resolve
 
 
 def test_normalise_keeps_chinese_punctuation_and_superscripts():
@@ -81,7 +86,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 def parse(name: str, **options) -> tuple[list[dict], Counter]:
     src = SourceConfig(name=name, hub_id="x", revision="x", path=str(FIXTURES / name), **options)
     tally = Tally()
-    recs = list(records(src, list_files(FIXTURES / name, src, DATASETS[name]), tally))
+    recs = list(records(src, list_files(FIXTURES / name, src, SOURCES[name]), tally))
     return recs, tally.skipped
 
 
@@ -195,11 +200,11 @@ def test_ultrafeedback_prompt_is_the_user_turn():
 
 
 def test_hh_parser_on_transcripts_that_break_the_rules():
-    with pytest.raises(sources.BadRow, match="not Human/Assistant turns"):
-        sources.hh_turns("no speakers at all")
-    with pytest.raises(sources.BadRow, match="spans several Assistant turns"):
-        sources.hh_turns("\n\nHuman: hi\n\nAssistant: a  Human: b\n\nAssistant: c")
-    merged = sources.hh_turns("\n\nHuman: q\n\nAssistant: a\n\nAssistant: b\n\nHuman: q2\n\nAssistant: c")
+    with pytest.raises(BadRow, match="not Human/Assistant turns"):
+        hh_turns("no speakers at all")
+    with pytest.raises(BadRow, match="spans several Assistant turns"):
+        hh_turns("\n\nHuman: hi\n\nAssistant: a  Human: b\n\nAssistant: c")
+    merged = hh_turns("\n\nHuman: q\n\nAssistant: a\n\nAssistant: b\n\nHuman: q2\n\nAssistant: c")
     assert [m["role"] for m in merged] == ["user", "assistant", "user", "assistant"]
     assert merged[1]["content"] == "a\n\nb"
 
@@ -244,9 +249,9 @@ def test_a_gated_source_says_accept_the_terms_and_log_in(monkeypatch):
 def test_inline_checks_catch_a_broken_parser(monkeypatch, capsys):
     from pipeline.data import inline
 
-    assert "7/7 parsers" in inline.run_inline_checks(list(inline.EXPECTED))
-    broken = dataclasses.replace(DATASETS["shp"], parse=sources.rowwise(lambda f, n, row, src: []))
-    monkeypatch.setitem(DATASETS, "shp", broken)
+    assert "7/7 parsers" in inline.run_inline_checks(list(SOURCES))
+    broken = dataclasses.replace(SOURCES["shp"], parse=rowwise(lambda f, n, row, src: []))
+    monkeypatch.setitem(SOURCES, "shp", broken)
     assert prepare.main(["--hw", "cpu"]) == 1
     assert "shp: expected 0 SFT + 2 pairs" in capsys.readouterr().err
 
@@ -320,7 +325,7 @@ def test_rows_carry_hygiene_language_tokens_bucket_and_licence(stage):
     assert "，" in text and "（" in text  # Chinese punctuation kept
     for r in sft:
         assert set(r) >= {"id", "source", "source_id", "lang", "n_tokens", "bucket", "licence", "messages"}
-        assert r["lang"] in ("zh", "en") and r["licence"] == DATASETS[r["source"]].licence
+        assert r["lang"] in ("zh", "en") and r["licence"] == SOURCES[r["source"]].licence
         assert [256, 1024, 2048, 4096][r["bucket"]] >= r["n_tokens"] > ([0, 256, 1024, 2048][r["bucket"]])
     code = next(r for r in sft if "```python" in r["messages"][-1]["content"])
     assert code["lang"] == "zh"  # judged by its prose, not its code
@@ -329,8 +334,8 @@ def test_rows_carry_hygiene_language_tokens_bucket_and_licence(stage):
 
 
 def test_token_counts_use_the_chat_template_and_the_system_prompt(stage):
-    from pipeline.config import load_model
-    from pipeline.models import load_tokenizer
+    from pipeline.core.profiles import load_model
+    from pipeline.models.loading import load_tokenizer
 
     out, _ = stage
     model = load_model("tiny-qwen2")
@@ -430,7 +435,7 @@ def test_parquet_shards_named_as_on_the_hub_give_the_same_records(tmp_path):
         pq.write_table(pa.Table.from_pylist(raw), tmp_path / f"data/{split}-00000-of-00001-b42a775f407cee45.parquet")
     src = SourceConfig(name="oasst1", hub_id="x", revision="x", path=str(tmp_path))
     tally = Tally()
-    from_parquet = list(records(src, list_files(tmp_path, src, DATASETS["oasst1"]), tally))
+    from_parquet = list(records(src, list_files(tmp_path, src, SOURCES["oasst1"]), tally))
     from_jsonl, skipped = parse("oasst1")
     assert [r["source_id"] for r in from_parquet] == [r["source_id"] for r in from_jsonl]
     assert tally.skipped == skipped
@@ -451,7 +456,7 @@ def test_the_hub_download_asks_for_the_configured_subsets_only(monkeypatch):
     root = sources.download(src)
     assert asked == {"repo_id": "PKU-Alignment/PKU-SafeRLHF", "repo_type": "dataset", "revision": "9421ffaf",
                      "allow_patterns": ["data/Alpaca-7B/*"]}
-    assert [f.rel for f in list_files(root, src, DATASETS["pku_saferlhf"])] == ["data/Alpaca-7B/test.jsonl"]
+    assert [f.rel for f in list_files(root, src, SOURCES["pku_saferlhf"])] == ["data/Alpaca-7B/test.jsonl"]
 
 
 def test_decontamination_drops_a_training_row_that_copies_an_eval_item(tmp_path, mlflow_store):

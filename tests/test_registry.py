@@ -12,9 +12,10 @@ from mlflow import MlflowClient
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline import tracking
-from pipeline.config import load_model
-from pipeline.models import load_tokenizer, tiny_model_dir
+from pipeline.core.profiles import load_model
+from pipeline.models.loading import load_tokenizer
+from pipeline.models.tiny import tiny_model_dir
+from pipeline.tracking import model_registry, runs
 
 NAME, ALIAS = "zh-align-sft-test", "candidate"
 PROMPT = "你好，请介绍一下你自己。"
@@ -47,8 +48,8 @@ def _greedy(peft, tokenizer, system_prompt: str, max_new_tokens: int = 64) -> st
 
 
 def _register(adapter_dir: Path, base_dir: Path, model, **tags) -> dict:
-    with tracking.start_run("sft", {"model": model.name}, hw="cpu", model=model.name) as run:
-        info = tracking.log_adapter_model(adapter_dir, registered_name=NAME, alias=ALIAS, base_model=str(base_dir),
+    with runs.start_run("sft", {"model": model.name}, hw="cpu", model=model.name) as run:
+        info = model_registry.log_adapter_model(adapter_dir, registered_name=NAME, alias=ALIAS, base_model=str(base_dir),
                                           revision=None, system_prompt=model.system_prompt,
                                           tags={"run_id": run.info.run_id, **tags})
     return info
@@ -117,14 +118,14 @@ def test_a_second_registration_moves_the_alias_and_load_time_config_overrides(ml
 def test_logging_outside_a_run_or_without_an_adapter_is_refused(mlflow_store, adapter, tmp_path):
     model, base_dir, adapter_dir, _ = adapter
     with pytest.raises(RuntimeError, match="active run"):
-        tracking.log_adapter_model(adapter_dir, registered_name=NAME, alias=ALIAS, base_model=str(base_dir),
+        model_registry.log_adapter_model(adapter_dir, registered_name=NAME, alias=ALIAS, base_model=str(base_dir),
                                    revision=None, system_prompt=model.system_prompt)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        tracking.log_adapter_model(tmp_path, registered_name=NAME, alias=ALIAS, base_model=str(base_dir),
+        model_registry.log_adapter_model(tmp_path, registered_name=NAME, alias=ALIAS, base_model=str(base_dir),
                                    revision=None, system_prompt=model.system_prompt)
 
 
 def test_the_recorded_base_is_a_hub_id_or_a_folder_name():
-    assert tracking.portable_base_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
-    assert tracking.portable_base_name("/data/models/tiny-qwen2-abc") == "tiny-qwen2-abc"
-    assert all("+" not in req and "==" in req for req in tracking.adapter_requirements())
+    assert model_registry.portable_base_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    assert model_registry.portable_base_name("/data/models/tiny-qwen2-abc") == "tiny-qwen2-abc"
+    assert all("+" not in req and "==" in req for req in model_registry.adapter_requirements())

@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from pipeline.config import CurriculumStage, RowMix
+from pipeline.data.mix import CurriculumStage, RowMix
 from pipeline.data.sampler import MixedBucketSampler, ShortfallError
 
 Row = tuple[str, str, int, int]  # lang, source, bucket, n_tokens

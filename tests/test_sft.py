@@ -10,8 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import prepare, sft, train
-from pipeline.config import parse_overrides, resolve
+from pipeline import prepare, sft
+from pipeline.core.strict import parse_overrides
+from pipeline.data import prepared
+from pipeline.stage.resolve import resolve
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1"]
 
@@ -36,8 +38,8 @@ def resolved(pool: Path, out: Path, *sets: str):
 
 def test_the_ordered_dataset_holds_the_zh_share(pool, tmp_path):
     r = resolved(pool, tmp_path)
-    p = train.load_pool(r.cfg.data, "sft", r)
-    rows, report = train.order(p, 1.5)
+    p = prepared.load_pool(r.cfg.data, "sft", r)
+    rows, report = prepared.order(p, 1.5)
     tokens = sum(p.train[i]["n_tokens"] for i in rows)
     zh = sum(p.train[i]["n_tokens"] for i in rows if p.train[i]["lang"] == "zh")
     assert zh / tokens >= 0.7 and report["zh_share"] == pytest.approx(zh / tokens, abs=1e-3)
@@ -46,7 +48,7 @@ def test_the_ordered_dataset_holds_the_zh_share(pool, tmp_path):
 
 def test_labels_cover_only_the_assistant_answers_and_their_end_token(pool, tmp_path):
     r = resolved(pool, tmp_path)
-    p = train.load_pool(r.cfg.data, "sft", r)
+    p = prepared.load_pool(r.cfg.data, "sft", r)
     trainer, tok = sft._trainer(r, p, list(range(4)), tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     row = p.train[0]
@@ -62,7 +64,7 @@ def test_labels_cover_only_the_assistant_answers_and_their_end_token(pool, tmp_p
 def test_loss_falls_clearly_over_twenty_steps_on_a_small_repeated_set(pool, tmp_path):
     r = resolved(pool, tmp_path, "train.max_steps=20", "train.lr=2e-2", "train.warmup_ratio=0.0",
                  "train.eval_steps=100", "train.save_steps=100")
-    p = train.load_pool(r.cfg.data, "sft", r)
+    p = prepared.load_pool(r.cfg.data, "sft", r)
     trainer, _ = sft._trainer(r, p, [0, 1, 2, 3] * 20, tmp_path)  # four conversations, one batch, seen 20 times
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -137,7 +139,7 @@ def test_ddp_on_two_cpu_processes_logs_one_run_from_rank_0(pool, tmp_path):
     import subprocess
     import sys
 
-    from pipeline.config import ROOT
+    from pipeline.core.paths import ROOT
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "ddp"}
     env.pop("MLFLOW_RUN_ID", None)
@@ -157,14 +159,14 @@ def test_ddp_on_two_cpu_processes_logs_one_run_from_rank_0(pool, tmp_path):
 
 
 def test_a_prepare_run_id_finds_its_pool_and_a_wrong_one_is_named(pool, monkeypatch):
-    from pipeline import tracking
-    from pipeline.cli import StageError
+    from pipeline.core.errors import StageError
+    from pipeline.tracking.lineage import prepared_folder
 
     uri = f"sqlite:///{pool.parent / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     prepared = next(r for r in runs if r.data.tags.get("stage") == "prepare")
-    assert tracking.prepared_folder(prepared.info.run_id).resolve() == pool.resolve()
+    assert prepared_folder(prepared.info.run_id).resolve() == pool.resolve()
     with pytest.raises(StageError, match="`data.run_id` '0{32}' is not a run"):
-        tracking.prepared_folder("0" * 32)
+        prepared_folder("0" * 32)

@@ -1,4 +1,4 @@
-"""tracking.py against a temporary sqlite store: start/attach, FAILED on error, limits, secrets, `mlflow run -e plan`."""
+"""tracking/runs.py on a temporary sqlite store: start/attach, FAILED on error, limits, secrets, `mlflow run -e plan`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
-from pipeline.config import ROOT, resolve
+from pipeline.core.paths import ROOT
+from pipeline.core.secrets import REDACTED
+from pipeline.stage.resolve import resolve
+from pipeline.tracking import runs as tracking
 
 SECRET = "hf_THIS_MUST_NOT_LEAK_42"
 
@@ -104,7 +106,7 @@ def test_secret_values_are_never_logged(mlflow_store, monkeypatch):
     run = client.get_run(active.info.run_id)
     everything = [*run.data.params.values(), *run.data.tags.values(), *_artifact_texts(client, run.info.run_id).values()]
     assert not any(SECRET in text for text in everything)
-    assert run.data.params["env.HF_TOKEN"] == tracking.REDACTED and run.data.params["hub.token"] == tracking.REDACTED
+    assert run.data.params["env.HF_TOKEN"] == REDACTED and run.data.params["hub.token"] == REDACTED
     assert run.data.params["hub.n_tokens"] == "7"  # a count named like tokens is not a secret
 
 

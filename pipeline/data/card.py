@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PrepareConfig, Resolved
+from pipeline.core.resolved import Resolved
 from pipeline.data.pool import column
-from pipeline.data.sources import DATASETS
+from pipeline.data.sources import SOURCES
 
 MANIFEST_VERSION = 1
 
@@ -30,10 +30,10 @@ def _pool_shares(ds) -> dict[str, Any]:
 
 
 def manifest(r: Resolved, built: Any, digests: dict[str, dict]) -> dict[str, Any]:
-    cfg: PrepareConfig = r.cfg
+    cfg = r.cfg
     srcs = {}
     for s in cfg.sources:
-        d = DATASETS[s.name]
+        d = SOURCES[s.name]
         srcs[s.name] = {"licence": d.licence, "licence_source": d.licence_source, "noncommercial": d.noncommercial,
                         **built.steps[s.name]}
     return {

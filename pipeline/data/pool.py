@@ -14,12 +14,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import StageError
-from pipeline.config import PrepareConfig, Resolved
+from pipeline.core.errors import StageError
+from pipeline.core.paths import repo_path
+from pipeline.core.resolved import Resolved
 from pipeline.data import clean as C
 from pipeline.data import sources
-from pipeline.data.sources import DATASETS
-from pipeline.plan import repo_path
+from pipeline.data.sources import SOURCES
+from pipeline.data.sources.files import list_files
 
 log = logging.getLogger("pipeline.prepare")
 STEPS = ("parsed", "hygiene", "language", "dedup", "decontam", "length")  # counts after each step, per source and type
@@ -43,17 +44,17 @@ def features():
                      "group": Value("string"), "meta": Value("string"), "source": Value("string")})
 
 
-def read_sources(cfg: PrepareConfig, steps: dict[str, dict], tmp: Path):
+def read_sources(cfg: Any, steps: dict[str, dict], tmp: Path):
     """Every source's records in one Arrow dataset, in the configured source order (the dedup priority)."""
     from datasets import Dataset
 
     plans = []
     for s in cfg.sources:
         root = repo_path(s.path) if s.path else sources.download(s)
-        files = sources.list_files(root, s, DATASETS[s.name])
+        files = list_files(root, s, SOURCES[s.name])
         if not files:
             raise StageError(f"source {s.name}: no row files under {root} (expected the hub layout, e.g. "
-                             f"{', '.join(DATASETS[s.name].patterns[:2])}"
+                             f"{', '.join(SOURCES[s.name].patterns[:2])}"
                              + (f"; subsets {s.subsets}" if s.subsets else "")
                              + (f"; splits {s.splits}" if s.splits else "") + ")")
         steps[s.name].update(hub_id=s.hub_id, revision=s.revision, path=s.path,
@@ -70,7 +71,7 @@ def read_sources(cfg: PrepareConfig, steps: dict[str, dict], tmp: Path):
         st = steps[s.name]
         st["rows_read"] = tally.read
         st["skipped"] = {k: tally.skipped[k] for k in sorted(tally.skipped)}
-        for kind in DATASETS[s.name].kinds:
+        for kind in SOURCES[s.name].kinds:
             st[kind] = {"parsed": parsed[(s.name, kind)], "dropped": {}}
         if not any(parsed[(s.name, k)] for k in ("sft", "pref")):
             log.warning("source %s gave 0 rows (%d rows read; skipped: %s)", s.name, tally.read,
@@ -96,7 +97,7 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     """Clean, filter, dedup, decontaminate, measure and split one row type; returns (train pool, eval pool)."""
     import numpy as np
 
-    cfg: PrepareConfig = r.cfg
+    cfg = r.cfg
     if len(part) == 0:
         return part, part
     fn = C.clean_sft if kind == "sft" else C.clean_pref
@@ -114,7 +115,7 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     if len(kept) == 0:
         _summarise(None, kind, steps)
         return kept, kept
-    from pipeline.models import load_tokenizer
+    from pipeline.models.loading import load_tokenizer
 
     measured = kept.map(C.count_tokens, batched=True, batch_size=500, num_proc=num_proc,
                         desc=f"{kind}: token lengths", fn_kwargs={
@@ -127,23 +128,6 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     _summarise(measured, kind, steps)
     is_eval = np.asarray(column(measured, "eval"), dtype=bool)
     return measured.select(np.flatnonzero(~is_eval)), measured.select(np.flatnonzero(is_eval))
-
-
-def eval_index(r: Resolved) -> tuple[Any, list[str]]:
-    """The n-gram index of every eval item with a local copy: the shipped zh_smoke and the mirrors of the evaluate
-    config for this hardware profile. (None, []) when `decontam.ngram` is 0."""
-    from pipeline import evalsets
-    from pipeline.config import resolve
-    from pipeline.data.decontam import Index
-
-    cfg: PrepareConfig = r.cfg
-    if not cfg.decontam.ngram:
-        return None, []
-    mirrors = {"zh_smoke": str(evalsets.ZH_SMOKE)}
-    mirrors.update({t: str(repo_path(f)) for t, f in resolve("evaluate", hw=r.hw.name).cfg.mirrors.items()
-                    if repo_path(f).is_dir()})
-    index = Index(evalsets.eval_items(mirrors), cfg.decontam.ngram)
-    return index, sorted(mirrors)
 
 
 def _decontaminate(ds, kind: str, index: Any, steps: dict[str, dict], num_proc: int | None):
@@ -195,7 +179,7 @@ def empty_reason(kind: str, steps: dict[str, dict]) -> str:
             after[step] += n
     if not any(kind in st for st in steps.values()):
         return (f"no source of this config gives {kind} rows; add one "
-                f"({', '.join(n for n, d in DATASETS.items() if kind in d.kinds)})")
+                f"({', '.join(n for n, d in SOURCES.items() if kind in d.kinds)})")
     parsed = sum(st[kind]["parsed"] for st in steps.values() if kind in st)
     if parsed == 0:
         return f"the {kind} sources gave 0 parseable rows (see `skipped` per source in the log); check `path:` / files"
@@ -208,17 +192,12 @@ def empty_reason(kind: str, steps: dict[str, dict]) -> str:
     return f"the {kind} pool is empty: the {step} step removed all {parsed} parsed rows ({hint})"
 
 
-def epoch0(ds, kind: str, cfg: PrepareConfig) -> dict[str, Any]:
+def epoch0(ds, kind: str, cfg: Any) -> dict[str, Any]:
     """The sampler's report for epoch 0 of the configured mix over this pool."""
-    from pipeline.data.sampler import MixedBucketSampler, ShortfallError
+    from pipeline.data.sampler import for_pool
 
-    try:
-        cols = (column(ds, c) for c in ("lang", "source", "bucket", "n_tokens"))
-        sampler = MixedBucketSampler(*cols, getattr(cfg.mix, kind), kind=kind, n_buckets=len(cfg.buckets),
-                                     max_repeats=cfg.mix.max_repeats, on_shortfall=cfg.mix.on_shortfall, seed=cfg.seed)
-        return sampler.report(1.0)
-    except ShortfallError as err:
-        raise StageError(str(err)) from err
+    columns = {c: column(ds, c) for c in ("lang", "source", "bucket", "n_tokens")}
+    return for_pool(columns, cfg.mix, kind, len(cfg.buckets), cfg.seed).report(1.0)
 
 
 def write_jsonl(ds, path: Path, kind: str) -> dict[str, Any]:
@@ -231,7 +210,7 @@ def write_jsonl(ds, path: Path, kind: str) -> dict[str, Any]:
                 source = batch["source"][i]
                 row = {"id": batch["id"][i], "source": source, "source_id": batch["source_id"][i],
                        "lang": batch["lang"][i], "n_tokens": batch["n_tokens"][i], "bucket": batch["bucket"][i],
-                       "licence": DATASETS[source].licence, **{t: batch[t][i] for t in texts}}
+                       "licence": SOURCES[source].licence, **{t: batch[t][i] for t in texts}}
                 if batch["truncated"][i]:
                     row["truncated"] = True
                 if batch["meta"][i]:

@@ -20,14 +20,15 @@ import heapq
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import RowMix
+from pipeline.core.errors import StageError
+from pipeline.data.mix import MixConfig, RowMix
 
 log = logging.getLogger(__name__)
 
@@ -367,3 +368,14 @@ class MixedBucketSampler:
             seen += self._tokens[r]
         return [{"until": st.until, "target_zh_share": st.zh_share, "tokens": t, "zh_share": _share(z, t)}
                 for st, t, z in zip(self._stages, tokens, zh, strict=True)]
+
+
+def for_pool(columns: Mapping[str, Sequence], mix: MixConfig, kind: str, n_buckets: int, seed: int) -> MixedBucketSampler:
+    """The sampler of one row type over a pool's columns (``lang``, ``source``, ``bucket``, ``n_tokens``): what
+    prepare reports as epoch 0 and the training stages order by. A shortfall the mix says to stop at is a StageError."""
+    try:
+        return MixedBucketSampler(columns["lang"], columns["source"], columns["bucket"], columns["n_tokens"],
+                                  getattr(mix, kind), kind=kind, n_buckets=n_buckets, max_repeats=mix.max_repeats,
+                                  on_shortfall=mix.on_shortfall, seed=seed)
+    except ShortfallError as err:
+        raise StageError(str(err)) from err

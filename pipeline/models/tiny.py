@@ -1,7 +1,6 @@
-"""Model and tokenizer loading: the one place that knows transformers / TRL / PEFT versions.
+"""The tiny offline models that tests, smoke configs and the demo use in place of the hub models.
 
-For now it builds the tiny offline models that tests, smoke configs and the demo use in place of the hub models:
-a random Qwen2 or Qwen3 of a few layers (its shape from ``configs/models/tiny-*/config.json``), a byte-level BPE
+A random Qwen2 or Qwen3 of a few layers (its shape from ``configs/models/tiny-*/config.json``), a byte-level BPE
 trained in-process on mixed zh/en text with Qwen's pre-tokenisation rule, and the family's real chat template taken
 from TRL's package (Qwen2.5's byte-identical, so TRL's assistant-only training template applies exactly as in
 production). Builds are deterministic for a seed and cached under ``.cache/tiny-models/``.
@@ -19,12 +18,13 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import ROOT, HardwareProfile, LoraConfig, ModelDef, QloraConfig
+from pipeline.core.paths import ASSETS, ROOT
+from pipeline.core.profiles import ModelDef
 
 log = logging.getLogger(__name__)
 
 TINY_CACHE = ROOT / ".cache" / "tiny-models"
-CORPUS = Path(__file__).parent / "assets" / "tiny_corpus.txt"
+CORPUS = ASSETS / "tiny_corpus.txt"
 BUILDER_VERSION = "1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in the tiny config.json files
 # Qwen2/Qwen3's split rule ahead of the byte-level mapping: Han runs stay together, digits split one by one.
@@ -123,73 +123,3 @@ def train_tokenizer(model: ModelDef):
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
         chat_template=chat_template(model.chat_template), model_max_length=model.max_positions,
         clean_up_tokenization_spaces=False, split_special_tokens=False, padding_side="right")
-
-
-def base_model_path(model: ModelDef) -> tuple[str, str | None]:
-    """What ``from_pretrained`` takes for a model definition: (hub id, revision), or (local tiny folder, None)."""
-    if model.tiny is not None:
-        return str(tiny_model_dir(model)), None
-    return model.hub_id, model.revision
-
-
-def load_tokenizer(model: ModelDef):
-    from transformers import AutoTokenizer
-
-    path, revision = base_model_path(model)
-    return AutoTokenizer.from_pretrained(path, revision=revision)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training: the base (bf16/fp32, or 4-bit for QLoRA) with a LoRA adapter on top
-# ----------------------------------------------------------------------------------------------------------------
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def check_device(hw: HardwareProfile) -> None:
-    """Refuse, before anything is loaded, what this machine cannot do (bitsandbytes does not refuse QLoRA on CPU)."""
-    import torch
-
-    from pipeline.cli import StageError
-
-    cuda = torch.cuda.is_available()
-    if hw.qlora and not cuda:
-        raise StageError(f"profile {hw.name} turns QLoRA on, which needs a CUDA GPU, and this machine has none; "
-                         f"use a GPU or SET=\"hw.qlora=false\"")
-    if hw.device == "cuda" and not cuda:
-        raise StageError(f"profile {hw.name} needs a CUDA GPU and this machine has none; use HW=cpu here")
-    if hw.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise StageError(f"profile {hw.name} trains in bf16, which {torch.cuda.get_device_name()} does not support; "
-                         f"SET=\"hw.precision=fp16\" (or fp32)")
-
-
-def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig | None, qlora: QloraConfig,
-                      adapter: str | None = None):
-    """(PEFT model with a trainable LoRA, tokenizer). QLoRA loads the base in 4 bit (NF4, double quant, bf16
-    compute) and leaves the other weights in the compute dtype — PEFT's prepare_model_for_kbit_training would upcast
-    them to fp32, measured at half the speed and +60 % memory. ``adapter`` continues from a saved adapter."""
-    import torch
-    from peft import LoraConfig as PeftLora
-    from peft import PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    path, revision = base_model_path(model)
-    dtype = getattr(torch, DTYPES[hw.precision])
-    kwargs: dict = {"dtype": dtype, "revision": revision}
-    if hw.qlora:
-        from transformers import BitsAndBytesConfig
-
-        compute = getattr(torch, DTYPES[qlora.compute_dtype])
-        kwargs.update(dtype=compute, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=qlora.quant_type, bnb_4bit_use_double_quant=qlora.double_quant,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute))
-    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if hw.activation_checkpointing:
-        base.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
-    if adapter:
-        peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
-        for config in peft_model.peft_config.values():  # a registered adapter names its base portably: point it here
-            config.base_model_name_or_path = path
-    else:
-        peft_model = get_peft_model(base, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                   target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
-    return peft_model, load_tokenizer(model)

@@ -12,6 +12,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.strict import Key, share
+
+
+@dataclass
+class GateConfig:
+    """When the forgetting report calls a drop real."""
+    max_drop: float = 0.02               # accuracy a task group may lose ...
+    alpha: float = 0.05                  # ... unless the exact McNemar test says the loss is not noise (p < alpha)
+
+    def check(self, key: Key) -> list[str]:
+        return share(key, "max_drop", self.max_drop) + share(key, "alpha", self.alpha)
+
 
 @dataclass(frozen=True)
 class Paired:

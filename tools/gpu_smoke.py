@@ -1,6 +1,8 @@
 """gpu_smoke: the real sft path on a CUDA GPU, in about three minutes, with every number in one JSON file.
 
-``python -m pipeline.gpu_smoke --out DIR`` builds an offline random Qwen2 bigger than the test model (hidden 1024,
+A developer harness (``tools/``, not part of the package): it wraps internals of the stages to see what they applied.
+
+``python tools/gpu_smoke.py --out DIR`` builds an offline random Qwen2 bigger than the test model (hidden 1024,
 8 layers, 16/4 heads, ffn 2816; the tiny tokenizer), prepares the smoke pool, and runs ``pipeline.sft`` on the 4090
 profile for 8 steps three times — bf16 LoRA with activation checkpointing, QLoRA (NF4), and Liger — then
 ``pipeline.align`` from the registered sft adapter with DPO (bf16) and ORPO (QLoRA), then forces a CUDA
@@ -35,8 +37,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline import config
-from pipeline.config import CONFIGS, ModelDef, parse_overrides, resolve
+from pipeline.core.paths import CONFIGS
+from pipeline.core.profiles import ModelDef, load_model
+from pipeline.core.strict import parse_overrides
+from pipeline.models.loading import LoraConfig
+from pipeline.stage import resolve as resolving
+from pipeline.stage.resolve import resolve
 
 SMOKE_MODEL = "smoke-qwen2"
 SMOKE_SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "max_window_layers": 8,
@@ -69,8 +75,8 @@ class Smoke:
 # ----------------------------------------------------------------------------------------------------------------
 def smoke_model(work: Path, cpu_check: bool) -> ModelDef:
     """tiny-qwen2's definition pointing at an architecture file in ``work``: the smoke shape, or (``cpu_check``)
-    the tiny shape unchanged. Built and cached by ``pipeline.models`` like any tiny model."""
-    tiny = config.load_model("tiny-qwen2")
+    the tiny shape unchanged. Built and cached by ``pipeline.models.tiny`` like any tiny model."""
+    tiny = load_model("tiny-qwen2")
     arch = tiny.architecture_config()
     if not cpu_check:
         arch.update(SMOKE_SHAPE)
@@ -93,14 +99,14 @@ def replaced(owner: Any, name: str, make: Callable[[Any], Any]) -> Iterator[None
 
 def model_known(model: ModelDef):
     """Let ``resolve`` (and so every stage's ``main``) find ``model`` by name, as if it were in configs/models/."""
-    return replaced(config, "load_model", lambda original: lambda name: model if name == model.name else original(name))
+    return replaced(resolving, "load_model", lambda original: lambda name: model if name == model.name else original(name))
 
 
 def build_model(s: Smoke) -> dict[str, Any]:
-    from pipeline import models
+    from pipeline.models.tiny import tiny_model_dir
 
     start = time.perf_counter()
-    folder = models.tiny_model_dir(s.model)
+    folder = tiny_model_dir(s.model)
     arch = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     weights = folder / "model.safetensors"
     return {"folder": str(folder), "build_s": round(time.perf_counter() - start, 2),
@@ -245,8 +251,8 @@ def align_case(s: Smoke, loss: str, extra: list[str]) -> dict[str, Any]:
 
     name = f"{REGISTERED}-{loss}"
     sets = [x for x in sft_sets(s, loss, extra) if not x.startswith("register.name=")]
-    r = resolve("align", config=CONFIGS / "smoke" / f"{loss}.yaml", hw=s.hw, loss=loss, overrides=parse_overrides(
-        [*sets, f"register.name={name}", f"start_from={REGISTERED}@candidate"]))
+    r = resolve("align", config=CONFIGS / "smoke" / "align" / f"{loss}.yaml", hw=s.hw, variant=loss,
+                overrides=parse_overrides([*sets, f"register.name={name}", f"start_from={REGISTERED}@candidate"]))
     start = time.perf_counter()
     result = align.run(r)
     wall = time.perf_counter() - start
@@ -337,7 +343,7 @@ def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def cases(s: Smoke, cpu_check: bool) -> dict[str, Callable[[], dict[str, Any]]]:
     """The sft cases (overrides on top of checkpointing on, Liger and QLoRA off; what must be applied) + the OOM."""
     base = ["hw.activation_checkpointing=true", "hw.liger=false", "hw.qlora=false"]
-    quantised = len(config.LoraConfig().target_modules) * SMOKE_SHAPE["num_hidden_layers"]  # lm_head stays bf16
+    quantised = len(LoraConfig().target_modules) * SMOKE_SHAPE["num_hidden_layers"]  # lm_head stays bf16
     specs = {"lora_bf16": ([], {"gradient_checkpointing": True, "liger_modules": 0, "linear4bit_modules": 0}),
              "qlora": (["hw.qlora=true"], {"gradient_checkpointing": True, "linear4bit_modules": quantised}),
              "liger": (["hw.liger=true"], {"use_liger_kernel": True, "liger_modules": bool})}
@@ -416,7 +422,7 @@ def setup(work: Path) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.gpu_smoke", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/gpu_smoke.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".", help="folder for gpu_smoke.json (default: the current folder)")
     parser.add_argument("--cpu-check", action="store_true", help="tiny model, cpu profile, 2 steps, bf16 LoRA case only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working folder (its path is reported)")
@@ -429,7 +435,7 @@ def write(out: Path, report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import setup_logging
+    from pipeline.stage.cli import setup_logging
 
     args = make_parser().parse_args(argv)
     out = Path(args.out).resolve()

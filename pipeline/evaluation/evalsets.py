@@ -32,8 +32,9 @@ from typing import Any
 
 import yaml
 
-ZH_SMOKE = Path(__file__).resolve().parent / "assets" / "zh_smoke"
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline.core.paths import ASSETS, repo_path
+
+ZH_SMOKE = ASSETS / "zh_smoke"
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -89,11 +90,6 @@ def lm_eval_tasks_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "tasks"
 
 
-def resolve_folder(folder: str | Path) -> Path:
-    path = Path(folder).expanduser()
-    return (path if path.is_absolute() else ROOT / path).resolve()
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Finding and checking the files
 # ------------------------------------------------------------------------------------------------------------------
@@ -143,7 +139,7 @@ def _hub_split_files(folder: Path, split: str) -> list[Path]:
 
 def mirror_files(task: str, folder: str | Path) -> dict[str, dict[str, Path | list[Path]]]:
     """{lm-eval task name: {split: file(s)}} for a mirror, after checking it (see `check_mirror`)."""
-    lay, root = _layout(task), resolve_folder(folder)
+    lay, root = _layout(task), repo_path(folder).resolve()
     where = f"mirror of {task!r} at {root}"
     if not root.is_dir():
         raise ValueError(f"{where}: folder not found; expected {_expected(task)}")

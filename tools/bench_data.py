@@ -1,5 +1,7 @@
 """``make bench-data``: the prepare stage's cleaning path on N synthetic zh/en SFT rows, beside a naive loop.
 
+A developer harness (``tools/``, not part of the package).
+
 The rows are seeded and made by a generator straight into an Arrow-backed ``Dataset`` in a temporary folder (timed as
 file I/O): the stage's record layout, ~70 % zh, turns of about 10–600 characters, some full-width letters and digits
 and U+3000, fenced code, ~5 % exact and near duplicates, some empty or one-character turns. The cleaning path is the
@@ -31,12 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import setup_logging
-from pipeline.config import PrepareConfig
+from pipeline.core.paths import repo_path
 from pipeline.data import clean as C
-from pipeline.data.sources import sft, turn
+from pipeline.data.sources.base import sft, turn
 from pipeline.data.text import classify, dedup_key, normalise, script
-from pipeline.plan import repo_path
+from pipeline.prepare import PrepareConfig
+from pipeline.stage.cli import setup_logging
 
 log = logging.getLogger("pipeline.bench")
 GiB = 1024 ** 3
@@ -215,8 +217,8 @@ def _histogram(buckets) -> dict[str, int]:
 
 def tokenise(kept, sample: int, num_proc: int) -> dict[str, Any]:
     """The stage's ``count_tokens`` map with the tiny model's tokenizer over the first ``sample`` kept rows."""
-    from pipeline.config import load_model
-    from pipeline.models import load_tokenizer
+    from pipeline.core.profiles import load_model
+    from pipeline.models.loading import load_tokenizer
 
     model = load_model("tiny-qwen2")
     tokenizer = load_tokenizer(model)
@@ -348,7 +350,7 @@ def table(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/bench_data.py", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows (default: 1000000)")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="map workers (default: every core)")
     parser.add_argument("--out", default="outputs/bench/bench-data.json", help="the JSON report")

@@ -1,0 +1,112 @@
+"""The row files of a source in its hub repository's layout, and reading their rows.
+
+A file's subset and split come from its place in that layout: the split is the file name up to the first ``-`` or
+``.`` (``data/train_prefs-00000-of-00001.parquet`` → ``train_prefs``, ``helpful-base/test.jsonl.gz`` → ``test``), the
+subset is the folder above it unless that folder is ``data`` (``helpful-base``, ``askculinary``, ``Alpaca-7B``); a
+source whose files are its subsets (COIG) takes the file stem (``Source.subset_is_file``). JSON lines, JSON arrays,
+parquet, gzip of those and a tar of JSON files are read; unusable rows are counted by reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import json
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.sources.base import RawFile, Source, SourceConfig
+
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".tar.gz")
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in sorted(ROW_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def raw_file(path: Path, rel: str, source: Source) -> RawFile:
+    parts = rel.split("/")
+    stem = _strip_suffix(parts[-1])
+    if source.subset_is_file:
+        return RawFile(path, rel, stem, None)
+    folder = parts[-2] if len(parts) > 1 and parts[-2] != "data" else None
+    return RawFile(path, rel, folder, re.split(r"[-.]", stem, maxsplit=1)[0])
+
+
+def list_files(root: Path, src: SourceConfig, source: Source) -> list[RawFile]:
+    """The row files of a source under ``root`` (a folder in the hub layout, or one file), filtered by subsets/splits."""
+    if root.is_file():
+        rel = root.name if root.parent.name in ("", "data") else f"{root.parent.name}/{root.name}"
+        found = [raw_file(root, rel, source)]
+    else:
+        found = [raw_file(p, p.relative_to(root).as_posix(), source) for p in sorted(root.rglob("*"))
+                 if p.is_file() and any(fnmatch.fnmatch(p.relative_to(root).as_posix(), pat)
+                                        for pat in source.patterns)]
+    return [f for f in found
+            if (src.subsets is None or f.subset in src.subsets) and (src.splits is None or f.split in src.splits)]
+
+
+def _lines(raw: bytes, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad["non-UTF-8 bytes"] += 1
+            continue
+        except json.JSONDecodeError:
+            bad["malformed JSON"] += 1
+            continue
+        if isinstance(row, dict):
+            yield n, row
+        else:
+            bad["row is not a JSON object"] += 1
+
+
+def read_rows(f: RawFile, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, row) of one file: JSON lines, a JSON array, parquet, gzip of those, or a tar of JSON files."""
+    name = f.path.name
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(f.path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+        return
+    if name.endswith(".tar.gz"):
+        with tarfile.open(f.path, "r:gz") as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")),
+                             key=lambda m: m.name)
+            for n, m in enumerate(members, 1):
+                yield from ((n, row) for _, row in _json_document(tar.extractfile(m).read(), bad))
+        return
+    raw = gzip.decompress(f.path.read_bytes()) if name.endswith(".gz") else f.path.read_bytes()
+    yield from _json_document(raw, bad)
+
+
+def _json_document(raw: bytes, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A JSON array (or one object) when the text starts with ``[`` / parses whole, else JSON lines."""
+    head = raw.lstrip()[:1]
+    if head == b"[":
+        try:
+            rows = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            yield from _lines(raw, bad)  # a JSON-lines file whose first row is an array; counted row by row
+            return
+        for n, row in enumerate(rows, 1):
+            if isinstance(row, dict):
+                yield n, row
+            else:
+                bad["row is not a JSON object"] += 1
+        return
+    yield from _lines(raw, bad)

@@ -1,0 +1,150 @@
+"""The command line every stage shares, and the exit-code contract.
+
+``python -m pipeline.<stage> [--config FILE] [--hw NAME] [--dry-run true|false] [--set key=value]...
+[--overrides "k=v k2=v2"]`` (a stage with variants adds its flag, align ``--loss orpo|dpo``; a training stage
+``--accel NAME``). ``--config`` defaults to the file the hardware profile's ``config_dir`` holds for the stage. A dry
+run (the default) prints the plan and writes nothing. Exit codes: 0 done, 1 the stage failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.core.errors import ConfigError, StageError
+from pipeline.core.paths import CONFIGS
+from pipeline.core.profiles import DEFAULT_HW, apply_hub_env
+from pipeline.core.runtime import launched, rank
+from pipeline.core.strict import parse_overrides
+from pipeline.stage.dryrun import render
+from pipeline.stage.resolve import resolve
+from pipeline.stage.spec import Stage, variant_flags
+
+log = logging.getLogger("pipeline")
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hw", default=DEFAULT_HW, help=f"hardware profile in configs/hw/ (default: {DEFAULT_HW})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable); values are YAML; hw.KEY overrides the profile")
+    parser.add_argument("--overrides", default="", metavar='"K=V K2=V2"',
+                        help="the same as several --set, as one shell-split string (MLproject passes this)")
+
+
+def add_variant(parser: argparse.ArgumentParser, stage: Stage) -> None:
+    """``--<variant_flag>`` of a stage with variants; empty means "as the config says" (MLproject's default)."""
+    def choice(text: str) -> str | None:
+        if text in ("", None):
+            return None
+        if text not in stage.variants:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(stage.variants)}, got {text!r}")
+        return text
+
+    parser.add_argument(f"--{stage.variant_flag}", type=choice, default=None, metavar="|".join(stage.variants),
+                        help=f"the {stage.name} stage's {stage.variant_flag}: picks configs/{stage.name}/"
+                             f"<{stage.variant_flag}>.yaml when --config is not given (default: {stage.variants[0]})")
+
+
+def add_variants(parser: argparse.ArgumentParser) -> None:
+    """The variant flag of every stage that has one, for commands over all stages (plan, pipeline)."""
+    for stage in variant_flags().values():
+        add_variant(parser, stage)
+
+
+def variants(args: argparse.Namespace) -> dict[str, str | None]:
+    """Stage name → the variant the command line asked for (or None)."""
+    return {stage.name: getattr(args, flag.replace("-", "_")) for flag, stage in variant_flags().items()}
+
+
+def make_parser(stage: Stage) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{stage.name}", description=stage.summary)
+    parser.add_argument("--config", default="",
+                        help="stage config YAML (default: the profile's config_dir/<stage>.yaml)")
+    add_common(parser)
+    parser.add_argument("--dry-run", type=parse_bool, default=True, metavar="true|false",
+                        help="print the plan and write nothing (default: true)")
+    if stage.variants:
+        add_variant(parser, stage)
+    if stage.accel:
+        parser.add_argument("--accel", default="", metavar="NAME",
+                            help="run under `accelerate launch` with configs/accelerate/NAME.yaml (e.g. ddp: one "
+                                 "process per GPU); empty = one process")
+    return parser
+
+
+def setup_logging() -> None:
+    """stdlib logging, configured once; ranks other than 0 only warn."""
+    logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(stage: Stage, argv: list[str] | None = None) -> int:
+    """Parse, resolve the config, then print the plan (dry run) or run the stage."""
+    args = make_parser(stage).parse_args(argv)
+    setup_logging()
+
+    def go() -> None:
+        variant = getattr(args, stage.variant_flag, None) if stage.variant_flag else None
+        resolved = resolve(stage, config=args.config or None, hw=args.hw,
+                           overrides=parse_overrides(args.set, args.overrides), variant=variant)
+        hub_env = apply_hub_env(resolved.hub)
+        if getattr(args, "accel", "") and not args.dry_run and not launched():
+            relaunch(stage, args.accel, list(sys.argv[1:] if argv is None else argv), resolved.hw.device)
+        elif args.dry_run:
+            print(render(stage.plan(resolved), hub_env))
+        else:
+            log.info("%s finished: %s", stage.name, stage.run(resolved))
+
+    return guarded(go)
+
+
+def guarded(fn: Callable[[], Any]) -> int:
+    """Run ``fn`` under the exit-code contract: 0 done; a StageError is printed, exit 1; a ConfigError, exit 2. The one
+    place an error becomes an exit code."""
+    try:
+        fn()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def relaunch(stage: Stage, accel: str, argv: list[str], device: str) -> None:
+    """Start the stage again under `accelerate launch` with configs/accelerate/<accel>.yaml: one process per GPU (two
+    gloo processes on CPU). The children inherit MLFLOW_RUN_ID; rank 0 logs to that run, the others log nothing."""
+    config = CONFIGS / "accelerate" / f"{accel}.yaml"
+    if not config.exists():
+        choices = sorted(p.stem for p in config.parent.glob("*.yaml"))
+        raise ConfigError([f"--accel {accel!r}: no {config}; choices: {', '.join(choices)}"])
+    if device == "cpu":  # torchrun's two processes; the Trainer (use_cpu) joins them with gloo
+        extra = ["--multi_gpu", "--num_processes", "2"]
+    else:
+        import torch
+
+        extra = ["--num_processes", str(max(1, torch.cuda.device_count()))]
+    args = [a for a in argv if not a.startswith("--accel")]
+    if "--accel" in argv:  # the value of a separate `--accel NAME`
+        i = argv.index("--accel")
+        args = argv[:i] + argv[i + 2:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *extra,
+           "-m", f"pipeline.{stage.name}", *args]
+    log.info("launching: %s", " ".join(cmd))
+    code = subprocess.call(cmd)
+    if code:
+        raise StageError(f"{stage.name} under `accelerate launch` ({accel}) exited {code}; see the ranks' output above")

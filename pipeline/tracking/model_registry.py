@@ -1,0 +1,205 @@
+"""The model registry: a LoRA adapter or a merged model as a pyfunc model (:mod:`.adapter_model`), registered and
+aliased; versions found by ``name@alias`` / ``name/version``; promote (gate-aware) and pull (a version as a folder)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import StageError
+from pipeline.core.secrets import REDACTED, is_secret
+from pipeline.tracking.runs import MAX_VALUE, rank0, tracking_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RegisterConfig:
+    """The registered model a stage makes a new version of, and the alias that moves to it."""
+    name: str = "zh-align-sft"
+    alias: str = "candidate"
+
+
+ADAPTER_MODEL_CODE = Path(__file__).with_name("adapter_model.py")
+ADAPTER_REQUIREMENTS = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "jinja2")
+_TRAINING_LEFTOVERS = ("checkpoint-*", "runs", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*",
+                       "trainer_state.json")
+
+
+def adapter_requirements() -> list[str]:
+    """Pins of what the pyfunc imports, from the installed versions (local build tags such as ``+cpu`` dropped)."""
+    return [f"{pkg}=={metadata.version(pkg).split('+', 1)[0]}" for pkg in ADAPTER_REQUIREMENTS]
+
+
+def portable_base_name(base_model: str) -> str:
+    """What ``adapter_config.json`` records as its base: the hub id, or a local base's folder name."""
+    is_local = os.path.isabs(base_model) or base_model.startswith(".") or Path(base_model).exists()
+    return Path(base_model).name if is_local else base_model
+
+
+def stage_adapter(adapter_dir: Path, dest: Path, base_model: str) -> Path:
+    """Copy an adapter folder to ``dest`` without training leftovers, ``base_model_name_or_path`` made portable."""
+    shutil.copytree(adapter_dir, dest, ignore=shutil.ignore_patterns(*_TRAINING_LEFTOVERS))
+    config_path = dest / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    recorded, portable = config.get("base_model_name_or_path"), portable_base_name(base_model)
+    config["base_model_name_or_path"] = portable
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    card = dest / "README.md"  # PEFT's model card repeats the recorded base in its metadata
+    if recorded and recorded != portable and card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(recorded, portable), encoding="utf-8")
+    return dest
+
+
+@rank0
+def log_adapter_model(adapter_dir: str | Path, *, registered_name: str, alias: str, base_model: str,
+                      revision: str | None, system_prompt: str, tags: Mapping[str, Any] | None = None,
+                      name: str = "adapter", max_new_tokens: int = 64) -> dict[str, Any]:
+    """Log a PEFT adapter folder as a pyfunc model in the active run, register it and move ``alias`` to it.
+
+    ``adapter_dir`` holds ``adapter_config.json`` + ``adapter_model.safetensors`` and the tokenizer files (with the
+    chat template). It is logged as the artifact ``adapter`` from a temporary copy, never changed in place: the copy
+    leaves out trainer leftovers (``checkpoint-*``, optimizer state) and its ``base_model_name_or_path`` is rewritten
+    to the hub id, or for a local base to the base's folder name (PEFT's ``README.md`` model card likewise), so no
+    absolute local path is published.
+    ``base_model`` / ``revision`` / ``system_prompt`` go to the model's ``model_config`` as given (a local base must
+    then exist where it is loaded, or be overridden at load: ``model_config={"base_model": ...}``).
+    The new version gets ``tags`` + ``base_model`` + ``revision`` as model-version tags.
+    Returns ``{"name", "version" (int), "uri": "models:/NAME@ALIAS", "model_uri"}``.
+    """
+    import mlflow
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json: save the PEFT adapter there first")
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_adapter_model needs an active run: call it inside runs.start_run(...)")
+    model_config = {"base_model": str(base_model), "revision": revision, "system_prompt": system_prompt,
+                    "max_new_tokens": int(max_new_tokens), "dtype": "auto", "device": "auto"}
+    with tempfile.TemporaryDirectory(prefix="zh-align-adapter-") as tmp:
+        staged = stage_adapter(adapter_dir, Path(tmp) / "adapter", str(base_model))
+        return _register({"adapter": str(staged)}, model_config, registered_name, alias, name,
+                         {"base_model": portable_base_name(str(base_model)), "revision": revision or "none",
+                          **(tags or {})})
+
+
+@rank0
+def log_merged_model(folder: str | Path, *, registered_name: str, alias: str, system_prompt: str,
+                     tags: Mapping[str, Any] | None = None, name: str = "merged") -> dict[str, Any]:
+    """Log a merged model folder (safetensors + tokenizer + generation config + model card) as a pyfunc model in the
+    active run, register it and move ``alias`` to it; the same return value as :func:`log_adapter_model`."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_merged_model needs an active run: call it inside runs.start_run(...)")
+    model_config = {"base_model": None, "revision": None, "system_prompt": system_prompt, "max_new_tokens": 64,
+                    "dtype": "auto", "device": "auto"}
+    return _register({"model": str(folder)}, model_config, registered_name, alias, name, dict(tags or {}))
+
+
+def _register(artifacts: dict[str, str], model_config: dict[str, Any], registered_name: str, alias: str, name: str,
+              tags: Mapping[str, Any]) -> dict[str, Any]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.pyfunc.log_model(name=name, python_model=str(ADAPTER_MODEL_CODE), artifacts=artifacts,
+                                   model_config=model_config, registered_model_name=registered_name,
+                                   pip_requirements=adapter_requirements())
+    version = int(info.registered_model_version)
+    set_model_version_tags(registered_name, version, tags)
+    MlflowClient().set_registered_model_alias(registered_name, alias, version)
+    log.info("registered %s version %s as @%s", registered_name, version, alias)
+    return {"name": registered_name, "version": version, "uri": f"models:/{registered_name}@{alias}",
+            "model_uri": info.model_uri}
+
+
+@rank0
+def set_model_version_tags(name: str, version: str | int, tags: Mapping[str, Any]) -> None:
+    """Tags on one registered model version (secret-looking keys redacted, values as text within MLflow's limit)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for key, value in tags.items():
+        text = REDACTED if is_secret(str(key)) else str(value)
+        client.set_model_version_tag(name, str(version), str(key), text[:MAX_VALUE])
+
+
+def registered_version(client: Any, ref: str) -> Any:
+    """`name@alias` or `name/version` → the model version; a missing alias names the aliases that exist."""
+    from mlflow.exceptions import MlflowException
+
+    name, sep, rest = ref.partition("@") if "@" in ref else ref.partition("/")
+    if not sep or not rest:
+        raise StageError(f"model {ref!r}: give `name@alias` or `name/version`")
+    try:
+        return client.get_model_version_by_alias(name, rest) if "@" in ref else client.get_model_version(name, rest)
+    except MlflowException as err:
+        try:
+            aliases = sorted(client.get_registered_model(name).aliases)
+        except MlflowException:
+            raise StageError(f"no registered model {name!r} in {tracking_uri()}") from err
+        raise StageError(f"{ref!r} does not exist; aliases of {name}: {', '.join(aliases) or 'none'}") from err
+
+
+def promote(name: str, version: str, alias: str, force: bool = False) -> str:
+    """Move `alias` to a version; refused when the version's `eval.gate` is fail, unless `force`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    mv = registered_version(client, f"{name}/{version}")
+    gate = mv.tags.get("eval.gate")
+    if gate == "fail" and not force:
+        raise StageError(f"{name}/{version} failed its evaluation gate ({mv.tags.get('eval.gate_failed', '?')}: "
+                         f"{mv.tags.get('eval.gate_rule', '')}); pass FORCE=1 to promote it anyway")
+    client.set_registered_model_alias(name, alias, mv.version)
+    if gate == "fail":
+        client.set_model_version_tag(name, mv.version, f"promoted.{alias}.forced", "true")
+    return f"models:/{name}@{alias} → version {mv.version} (eval.gate {gate or 'not evaluated'})"
+
+
+def pull(ref: str, dest: Path, overwrite: bool = False, *, base: str = "",
+         same_base: Callable[[str], bool] | None = None) -> Path:
+    """A registered model as a plain folder: a merged model loads with transformers, an adapter with PEFT. An adapter
+    whose recorded base fails ``same_base`` (the configured base, named ``base``) is refused before DEST is touched."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mv = registered_version(mlflow.MlflowClient(), ref)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise StageError(f"{dest} is not empty; pass OVERWRITE=1 to replace it")
+    with tempfile.TemporaryDirectory(prefix="zh-align-pull-") as tmp:
+        root = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=tmp))
+        adapters = [p.parent for p in root.rglob("adapter_config.json")]
+        recorded = mv.tags.get("base_model", "")
+        if adapters and same_base is not None and not same_base(recorded):
+            raise StageError(f"{mv.name}/{mv.version} is an adapter of base {recorded!r}, but the configured base is "
+                             f"{base}; pick the profile or model it was trained for (HW=…, SET=\"model=…\")")
+        found = adapters or [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+        if not found:
+            raise StageError(f"{ref} holds neither an adapter nor a merged model")
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(found[0], dest)
+    return dest
+
+
+def registered_models(run_id: str) -> list[str]:
+    """`name/version@alias…` of every version a run registered, oldest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    out = []
+    for mv in sorted(client.search_model_versions(f"run_id = '{run_id}'"), key=lambda v: int(v.version)):
+        aliases = client.get_registered_model(mv.name).aliases
+        out.append(f"{mv.name}/{mv.version}" + "".join(f"@{a}" for a, v in sorted(aliases.items())
+                                                       if str(v) == str(mv.version)))
+    return out

@@ -1,0 +1,34 @@
+"""The developer harnesses in tools/ still run against the package: gpu_smoke's CPU check, bench_data on a few rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pipeline.core.paths import ROOT
+
+
+def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ZH_ALIGN_EVAL_CACHE": str(tmp_path / "eval-cache")}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_smoke_cpu_check_trains_and_aligns_through_the_stages(tmp_path):
+    done = _run(["tools/gpu_smoke.py", "--cpu-check", "--out", str(tmp_path)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_smoke.json").read_text(encoding="utf-8"))
+    assert report["ok"] and set(report["cases"]) == {"lora_bf16", "dpo"}
+    for case in report["cases"].values():
+        assert all(case["checks"].values()) and case["run"]["status"] == "FINISHED"
+
+
+def test_bench_data_cleans_like_the_naive_loop(tmp_path):
+    out = tmp_path / "bench.json"
+    done = _run(["tools/bench_data.py", "--rows", "2000", "--token-sample", "200", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["rows"] == 2000 and report["targets"]["same_rows_as_naive"]["pass"]
+    assert report["cleaning_path"]["kept"] == report["naive"]["kept"] > 0
