@@ -70,7 +70,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-plan: $(STAMP) ## the plans of all five stages on one page, kept as a run in the main experiment
+plan: $(STAMP) ## the plans of all five stages on one page with predicted memory, time and disk; kept as a run
 	@$(PY) -m pipeline.plan --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' > /dev/null
 	mlflow run . -e plan --env-manager $(ENV_MANAGER) --experiment-name '$(EXPERIMENT)' \
 	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides='$(SET)'

@@ -20,7 +20,8 @@ from pipeline.core.resolved import Resolved
 from pipeline.core.strict import Key
 from pipeline.data import prepared
 from pipeline.data.clean import with_system
-from pipeline.models.loading import check_device, load_for_training, same_base
+from pipeline.hardware import planner
+from pipeline.models.loading import LoraConfig, check_device, load_for_training, same_base
 from pipeline.stage import cli
 from pipeline.stage.dryrun import (
     Item,
@@ -90,7 +91,11 @@ def plan(r: Resolved) -> Plan:
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
         log_backend_fact(cfg.log_backend),
     ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r)],
-       outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)])
+       outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)],
+       estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,
+                                 max_steps=t.max_steps, save_total_limit=t.save_total_limit,
+                                 data_path=None if cfg.data.run_id or not cfg.data.path else repo_path(cfg.data.path),
+                                 full_logits=cfg.loss == "orpo"))
 
 
 def _pref_share(r: Resolved) -> str:

@@ -24,6 +24,7 @@ from pipeline.core.resolved import Resolved
 from pipeline.evaluation import evalsets, forgetting
 from pipeline.evaluation import results as R
 from pipeline.evaluation.forgetting import GateConfig
+from pipeline.hardware import planner
 from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output, model_ref_input
@@ -65,7 +66,9 @@ def plan(r: Resolved) -> Plan:
     ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r), base_model_input(r), *mirrors],
        outputs=[dir_output(cfg.output_dir, "results.json + results.csv + chart"),
                 Item("write-back", "eval/… metrics onto the training run, eval.* tags onto its registered version",
-                     "on" if cfg.write_back else "off (write_back: false)")])
+                     "on" if cfg.write_back else "off (write_back: false)")],
+       estimate=planner.evaluation(r.hw, r.model, cfg.tasks, limit=cfg.limit,
+                                   compare_base=cfg.compare_base and cfg.adapter is not None))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.core.errors import StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
+from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path, load_tokenizer, same_base
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Plan, base_model_input, dir_output, model_ref_input, registry_output
@@ -40,7 +41,8 @@ def plan(r: Resolved) -> Plan:
     return Plan(r, facts=[
         ("merge", f"into the bf16 base (never a 4-bit one); max |merged − adapter| logit ≤ {cfg.logits_tolerance}"),
     ], inputs=[model_ref_input("adapter", cfg.adapter, "align", r), base_model_input(r)],
-       outputs=[dir_output(cfg.output_dir, "merged model + model card"), registry_output(cfg.register)])
+       outputs=[dir_output(cfg.output_dir, "merged model + model card"), registry_output(cfg.register)],
+       estimate=planner.export(r.hw, r.model))
 
 
 QWEN_DEFAULT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."

@@ -31,6 +31,7 @@ from pipeline.data.mix import MixConfig
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import SourceConfig
 from pipeline.evaluation import evalsets
+from pipeline.hardware.planner import Estimate
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output
 from pipeline.stage.resolve import resolve
@@ -124,7 +125,13 @@ def plan(r: Resolved) -> Plan:
                 f"on shortfall: {cfg.mix.on_shortfall}; max repeats {cfg.mix.max_repeats}; seed {cfg.seed}"),
     ], inputs=[*inputs, base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "pools + manifest + data card")]
-               + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES])
+               + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES],
+       estimate=Estimate([("memory", f"CPU only: Arrow-backed maps on {_workers(cfg.num_proc)}, the rows "
+                                     f"memory-mapped (make bench-data measures rows/s and peak RSS); no GPU")]))
+
+
+def _workers(num_proc: int | None) -> str:
+    return "every core" if num_proc is None else f"{num_proc} worker process{'es' if num_proc > 1 else ''}"
 
 
 def _options(s: SourceConfig) -> str:

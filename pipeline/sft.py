@@ -16,6 +16,7 @@ from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
 from pipeline.data import prepared
 from pipeline.data.clean import with_system
+from pipeline.hardware import planner
 from pipeline.models.loading import LoraConfig, check_device, load_for_training
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Item, Plan, base_model_input, data_input, dir_output, log_backend_fact, registry_output
@@ -68,7 +69,14 @@ def plan(r: Resolved) -> Plan:
     ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),
                 Item("adapter", f"{cfg.output_dir}/adapter", "safetensors + tokenizer + chat template"),
-                registry_output(cfg.register)])
+                registry_output(cfg.register)],
+       estimate=planner.training(r.hw, r.model, kind="sft", lora=lora, epochs=t.epochs, max_steps=t.max_steps,
+                                 data_path=_pool_path(cfg.data), save_total_limit=t.save_total_limit))
+
+
+def _pool_path(ref: prepared.DataRef) -> Path | None:
+    """The prepared folder the plan can read the token count from (a run id is looked up only at run time)."""
+    return None if ref.run_id or not ref.path else repo_path(ref.path)
 
 
 def run(r: Resolved) -> SftResult:

@@ -22,7 +22,7 @@ from pipeline.stage.spec import names, stages
 PACKAGE = ROOT / "pipeline"
 # Lower ranks sit below higher ones; a module imports only from lower ranks or from its own package. Packages of one
 # rank are peers and do not import each other; each top-level module is a package of its own.
-RANKS = {"core": 0, "tracking": 1, "models": 1, "data": 2, "training": 3, "evaluation": 3, "stage": 4}
+RANKS = {"core": 0, "tracking": 1, "models": 1, "hardware": 1, "data": 2, "training": 3, "evaluation": 3, "stage": 4}
 STAGE_RANK, COMMAND_RANK = 5, 6
 MAX_LINES = 450
 ARCHITECTURE = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")

@@ -13,7 +13,6 @@ from pipeline import plan as P
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import ROOT
 from pipeline.core.profiles import available
-from pipeline.stage.dryrun import ESTIMATE_PENDING
 from pipeline.stage.resolve import resolve, split_overrides
 from pipeline.stage.spec import names
 
@@ -35,7 +34,7 @@ def test_the_plan_of_every_stage_under_every_profile(stage, hw, capsys):
     assert out.startswith(f"━━ {stage} ━━ (HW={hw}, model {r.model.name})")
     assert f"mlflow run . -e {stage} --env-manager local" in out and f"-P hw={hw} -P dry_run=false" in out
     assert "tracking " in out and "experiment" in out and "HF_HOME=" in out and "HF_ENDPOINT=" in out
-    assert "  inputs\n" in out and "  outputs\n" in out and "estimate" in out and ESTIMATE_PENDING in out
+    assert "  inputs\n" in out and "  outputs\n" in out and "  estimate\n    memory  " in out
     assert r.model.ref in out and "resolved config" in out
 
 

@@ -17,13 +17,12 @@ from pipeline.core.resolved import Resolved
 from pipeline.core.secrets import redact
 from pipeline.core.strict import yaml_value
 from pipeline.data.prepared import DataRef
+from pipeline.hardware.planner import Estimate
 from pipeline.models.tiny import tiny_cache_path
 from pipeline.stage.resolve import default_config_path
 from pipeline.stage.spec import get
 from pipeline.tracking.model_registry import RegisterConfig
 from pipeline.tracking.runs import experiment_name, tracking_uri
-
-ESTIMATE_PENDING = "not estimated yet (the hardware planner adds predicted peak memory and time here)"
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Plan:
     facts: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[Item] = field(default_factory=list)
     outputs: list[Item] = field(default_factory=list)
-    estimate: str = ESTIMATE_PENDING
+    estimate: Estimate = field(default_factory=Estimate)   # the planner's memory / time / disk lines
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -137,7 +136,8 @@ def render(plan: Plan, hub_env: dict[str, str]) -> str:
     for title, items in (("inputs", plan.inputs), ("outputs", plan.outputs)):
         lines.append(f"  {title}")
         lines += [f"    - {it.what}: {it.where} [{it.state}]" for it in items]
-    lines.append(f"  {'estimate':<{width}}  {plan.estimate}")
+    lines.append("  estimate")
+    lines += [f"    {k:<7} {v}" for k, v in plan.estimate.lines] or ["    (nothing to estimate)"]
     lines.append("  resolved config")
     body = yaml.safe_dump(redact(dataclasses.asdict(r.cfg)), allow_unicode=True, sort_keys=False,
                           default_flow_style=None, width=110)
@@ -146,6 +146,21 @@ def render(plan: Plan, hub_env: dict[str, str]) -> str:
 
 
 def pages(resolved: list[Resolved]) -> str:
-    """The plans of several resolved stages, one after the other (``make plan``, the pipeline's dry run)."""
+    """The plans of several resolved stages, one after the other, and what they cost together (``make plan``, the
+    pipeline's dry run)."""
     hub_env = apply_hub_env(resolved[0].hub)
-    return "\n\n".join(render(get(r.stage).plan(r), hub_env) for r in resolved)
+    plans = [get(r.stage).plan(r) for r in resolved]
+    return "\n\n".join([*(render(p, hub_env) for p in plans), total(plans)])
+
+
+def total(plans: list[Plan]) -> str:
+    """One line for the whole chain: time, disk, and whether every stage fits the profile's memory."""
+    hw = plans[0].resolved.hw
+    estimates = [(p.resolved.stage, p.estimate) for p in plans]
+    failing = [stage for stage, e in estimates if e.fits is False]
+    timed = [e.seconds for _, e in estimates if e.seconds is not None]
+    hours = f"~{sum(timed) / 3600:.1f} h of estimated compute" if timed else "time not estimated"
+    fits = (f"every stage fits {hw.memory_gib:g} GiB: PASS" if not failing else
+            f"FAIL: {', '.join(failing)} do not fit {hw.memory_gib:g} GiB (see their memory lines)")
+    disk = sum(e.disk_gib for _, e in estimates)
+    return f"── total ── (HW={hw.name}) {fits}; {hours}; ~{disk:.1f} GiB of disk"

@@ -1,0 +1,192 @@
+"""The planner: what a stage will cost on a hardware profile — peak memory with pass / fail, time, disk — before
+anything is loaded. Every stage's dry run and ``make plan`` show it (the ``estimate`` lines).
+
+Memory comes from :mod:`.memory`. Time is tokens ÷ tokens per second: the tokens of the prepared pool's manifest (or,
+before prepare has run, the ``max_steps`` bound or a stated assumption), the speed scaled from the throughput
+measured on an H200 (``../shared/ANCHORS.md``) by the card's peak TFLOP/s and the model's FLOPs per token — labelled an
+estimate until ``make bench`` measures the profile's card. Disk counts the base's download, checkpoints, adapters and
+merged models with their MLflow copies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.profiles import HardwareProfile, ModelDef
+from pipeline.hardware import memory as M
+from pipeline.hardware.memory import RESERVE_FACTOR, RESERVE_GIB, GiB, Memory, Shape, Step
+
+CUDA_CONTEXT_GIB = 0.5  # what the CUDA context and the libraries' kernels take before the first tensor
+ANCHOR_PEAK = 989.0     # the H200 the anchors ran on
+# Model FLOPs utilisation measured on the H200 with the Qwen2.5-7B shape at 2 × 2048 (ANCHORS.md, 2026-11-28).
+ANCHOR_MFU = {("ckpt", "liger"): 0.257, ("ckpt", "plain"): 0.229, ("full", "liger"): 0.367, ("full", "plain"): 0.315,
+              ("ckpt", "qlora"): 0.217}
+DPO_PER_SFT = 6135 / 7369   # TRL DPOTrainer (micro-batch 1, 1024 + 1024) over TRL SFTTrainer defaults, same H200
+EVAL_MFU = 0.30             # forward-only scoring, assumed (lm-eval batches its requests)
+ASSUMED_TOKENS = 50e6       # before prepare has run and without max_steps: what the time line assumes
+# lm-eval requests per task: items × forward passes per item (one for single-letter answers), tokens per pass.
+EVAL_TASKS = {"cmmlu": (11_582, 1, 200), "ceval-valid": (1_346, 1, 250), "hellaswag": (10_042, 4, 110),
+              "winogrande": (1_267, 2, 40), "zh_smoke": (60, 1, 60)}
+
+
+@dataclass
+class Estimate:
+    """The plan's estimate lines, and whether the stage fits the profile's memory (None: not a GPU stage)."""
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    fits: bool | None = None
+    peak_gib: float | None = None
+    seconds: float | None = None
+    disk_gib: float = 0.0
+
+
+def shape(model: ModelDef) -> Shape:
+    return Shape.of(model.architecture_config())
+
+
+def usable_gib(hw: HardwareProfile) -> float:
+    return hw.memory_gib - (CUDA_CONTEXT_GIB if hw.device == "cuda" else 0.0)
+
+
+def step_of(hw: HardwareProfile, *, sequences: int = 1, lora: Any = None, full_logits: bool = False) -> Step:
+    """The micro-step a profile runs (a preference pair: ``sequences=2``)."""
+    kw = {"lora_r": lora.r, "lora_targets": tuple(lora.target_modules), "lora_dropout": lora.dropout > 0} if lora else {}
+    return Step(hw.micro_batch, hw.max_length, sequences, precision=hw.precision, qlora=hw.qlora,
+                checkpointing=hw.activation_checkpointing, liger=hw.liger, full_logits=full_logits, **kw)
+
+
+def tokens_per_second(hw: HardwareProfile, model: ModelDef, step: Step, *, preference: bool = False) -> float | None:
+    """Scaled from the H200 anchors: the same MFU on this card's peak, at this model's FLOPs per token."""
+    if not hw.peak_tflops:
+        return None
+    mfu = ANCHOR_MFU[("ckpt" if step.checkpointing else "full", "qlora" if step.qlora else
+                      "liger" if step.liger else "plain")]
+    tps = mfu * hw.peak_tflops * 1e12 / shape(model).flops_per_token(step.seq_len)
+    return tps * DPO_PER_SFT if preference else tps
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def memory_line(mem: Memory, hw: HardwareProfile, step: Step) -> tuple[str, bool]:
+    """The memory line with its parts, pass / fail against the profile's card, and what fits when it does not."""
+    room = usable_gib(hw)
+    fits = mem.reserved <= room
+    where = "GPU" if hw.device == "cuda" else "RAM"
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.parts.items())
+    text = (f"{where} peak {_gib(mem.peak)} allocated, ~{_gib(mem.reserved)} reserved ({parts}) of "
+            f"{hw.memory_gib:g} GiB: {'PASS' if fits else 'FAIL'}")
+    if not fits:
+        text += "; " + advice(mem, hw, step)
+    return text, fits
+
+
+def advice(mem: Memory, hw: HardwareProfile, step: Step) -> str:
+    """What fits: the largest micro-batch at this max_length, the largest max_length at this micro-batch, and the
+    switches that save the most."""
+    budget = (usable_gib(hw) - RESERVE_GIB) / RESERVE_FACTOR - mem.fixed
+    tokens = max(0.0, budget / mem.per_token) if budget > 0 else 0.0
+    per_row = step.seq_len * step.sequences
+    batch, length = int(tokens // per_row), int(tokens // (step.micro_batch * step.sequences))
+    tips = []
+    if batch:
+        tips.append(f"micro_batch {batch} at max_length {step.seq_len} (SET=\"hw.micro_batch={batch} "
+                    f"hw.grad_accum={max(1, hw.effective_batch // batch)}\" keeps the effective batch)")
+    if length:
+        tips.append(f"max_length {length} at micro_batch {step.micro_batch}")
+    switches = [s for on, s in ((not step.checkpointing, "hw.activation_checkpointing=true"),
+                                (not step.liger and hw.device == "cuda", "hw.liger=true"),
+                                (not step.qlora and hw.device == "cuda", "hw.qlora=true")) if on]
+    return "to fit: " + " or ".join([*tips, *switches] or ["a card with more memory"])
+
+
+def pool_tokens(data_path: Path | None, kind: str) -> int | None:
+    """The training tokens of a prepared pool, from its manifest (None when there is no pool yet)."""
+    manifest = data_path / "manifest.json" if data_path else None
+    if not manifest or not manifest.is_file():
+        return None
+    return int(json.loads(manifest.read_text(encoding="utf-8"))["pool"][kind]["tokens"])
+
+
+def training(hw: HardwareProfile, model: ModelDef, *, kind: str, lora: Any = None, lora_source: Any = None,
+             epochs: float, max_steps: int | None, data_path: Path | None, save_total_limit: int,
+             full_logits: bool = False) -> Estimate:
+    """sft (``kind="sft"``) or align (``kind="pref"``): memory, time and disk."""
+    s = shape(model)
+    pair = kind == "pref"
+    step = step_of(hw, sequences=2 if pair else 1, lora=lora or lora_source, full_logits=full_logits)
+    mem = M.training(s, step)
+    mem_text, fits = memory_line(mem, hw, step)
+    est = Estimate([("memory", mem_text)], fits, mem.peak)
+    est.lines.append(("time", _time_line(est, hw, model, step, kind, epochs, max_steps, data_path)))
+    lora_bytes = s.lora_params(step.lora_r, list(step.lora_targets)) * 4
+    checkpoints = save_total_limit * lora_bytes * 3          # adapter + AdamW's two moments
+    base = s.params * 2
+    est.disk_gib = (base + checkpoints + 2 * lora_bytes) / GiB
+    est.lines.append(("disk", f"{_gib(est.disk_gib)}: base download {_gib(base / GiB)} (once, in HF_HOME), "
+                              f"{save_total_limit} checkpoints {_gib(checkpoints / GiB)}, adapter + its MLflow copy "
+                              f"{_gib(2 * lora_bytes / GiB)}"))
+    return est
+
+
+def _time_line(est: Estimate, hw: HardwareProfile, model: ModelDef, step: Step, kind: str, epochs: float,
+               max_steps: int | None, data_path: Path | None) -> str:
+    pool = pool_tokens(data_path, kind)
+    per_row = 2 if kind == "pref" else 1   # a pair trains on chosen and rejected
+    if max_steps:
+        tokens, source = max_steps * hw.effective_batch * hw.max_length * per_row, f"max_steps {max_steps}, an upper bound"
+    elif pool is not None:
+        tokens, source = pool * per_row * epochs, f"the pool's manifest: {pool / 1e6:.2f} M × {epochs:g} epoch(s)"
+    else:
+        tokens, source = ASSUMED_TOKENS * epochs, (f"no pool yet: assuming {ASSUMED_TOKENS / 1e6:.0f} M × {epochs:g} "
+                                                   f"epoch(s); make prepare gives the real count")
+    tps = tokens_per_second(hw, model, step, preference=kind == "pref")
+    if tps is None:
+        return f"{tokens / 1e6:.2f} M tokens ({source}); speed not estimated for {hw.name} (no peak TFLOP/s)"
+    est.seconds = tokens / tps
+    return (f"{_hours(est.seconds)} for {tokens / 1e6:.1f} M tokens ({source}) at ~{tps:,.0f} tok/s (estimate: the "
+            f"H200 anchors' MFU scaled to {hw.peak_tflops:g} TFLOP/s)")
+
+
+def evaluation(hw: HardwareProfile, model: ModelDef, tasks: list[str], *, limit: int | None,
+               compare_base: bool) -> Estimate:
+    """lm-eval: the weights in bf16 (a QLoRA adapter is judged on the bf16 base) and one batch; hours per model."""
+    s = shape(model)
+    precision = "bf16" if hw.qlora else hw.precision
+    mem = M.inference(s, precision, hw.max_length)
+    room = usable_gib(hw)
+    fits = mem.reserved <= room
+    est = Estimate([("memory", f"{'GPU' if hw.device == 'cuda' else 'RAM'} {_gib(mem.peak)} for the weights and one "
+                               f"{hw.max_length}-token request of {hw.memory_gib:g} GiB: {'PASS' if fits else 'FAIL'}"
+                               f" (batch_size auto fills the rest)")], fits, mem.peak)
+    known = [t for t in tasks if t in EVAL_TASKS]
+    passes = sum(min(EVAL_TASKS[t][0], limit or EVAL_TASKS[t][0]) * EVAL_TASKS[t][1] * EVAL_TASKS[t][2] for t in known)
+    models = 2 if compare_base else 1
+    if hw.peak_tflops and known:
+        est.seconds = models * passes * 2 * s.matmul_params / (EVAL_MFU * hw.peak_tflops * 1e12)
+        est.lines.append(("time", f"{_hours(est.seconds)} for {models} model(s) × {passes / 1e6:.1f} M scored tokens "
+                                  f"({', '.join(known)}; estimate at {EVAL_MFU:.0%} MFU; the base's scores are cached "
+                                  f"after the first run)"))
+    else:
+        est.lines.append(("time", "not estimated" + ("" if known else f" for {', '.join(tasks)}")
+                          + ("" if hw.peak_tflops else f" for {hw.name} (no peak TFLOP/s)")))
+    return est
+
+
+def export(hw: HardwareProfile, model: ModelDef) -> Estimate:
+    """The merge runs on the CPU: RAM for the base and the merged copy; disk for the folder and its MLflow copy."""
+    s = shape(model)
+    width = 4 if hw.precision == "fp32" else 2
+    merged = s.params * width / GiB
+    est = Estimate([("memory", f"RAM ~{_gib(2 * merged)} on the CPU (the {'fp32' if width == 4 else 'bf16'} base "
+                               f"and the merged weights); no GPU")], None, 2 * merged)
+    est.disk_gib = 2 * merged
+    est.lines.append(("disk", f"{_gib(2 * merged)}: the merged folder {_gib(merged)} + its MLflow copy"))
+    return est

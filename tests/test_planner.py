@@ -1,0 +1,97 @@
+"""The planner against every configuration measured in ../shared/ANCHORS.md (H200, Qwen2.5-7B shape, LoRA r=16 on
+all seven projections), against counts worked out by hand, and in the plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.core.profiles import load_model, load_profile
+from pipeline.hardware import gpus, planner
+from pipeline.hardware.memory import NF4_BYTES, GiB, Shape, Step, training
+from pipeline.sft import main as sft_main
+
+QWEN7B = Shape.of(load_model("qwen2.5-7b-instruct").architecture_config())
+TOLERANCE = 0.15
+
+# (step, peak allocated GiB measured) — ANCHORS.md, measured 2026-11-28 on an H200
+ANCHORS = {
+    "TRL SFTTrainer defaults, 2 x 2048, grad-ckpt": (Step(2, 2048), 17.5),
+    "TRL SFTTrainer + Liger, grad-ckpt": (Step(2, 2048, liger=True), 17.2),
+    "TRL SFTTrainer + Liger, no grad-ckpt": (Step(2, 2048, liger=True, checkpointing=False), 40.0),
+    "raw loop, no fused loss (full logits)": (Step(2, 2048, full_logits=True), 23.7),
+    "raw loop + Liger, grad-ckpt": (Step(2, 2048, liger=True), 17.3),
+    "raw loop + Liger, 4 x 4096": (Step(4, 4096, liger=True), 24.8),
+    "QLoRA NF4 without the fp32 upcast": (Step(2, 2048, liger=True, qlora=True), 8.2),
+    "TRL DPOTrainer, micro-batch 1, 1024 + 1024": (Step(1, 2048, sequences=2), 17.0),
+    "TRL DPOTrainer, micro-batch 2": (Step(2, 2048, sequences=2), 19.3),
+}
+
+
+@pytest.mark.parametrize("name", ANCHORS)
+def test_peak_memory_is_within_15_percent_of_every_anchor(name):
+    step, measured = ANCHORS[name]
+    predicted = training(QWEN7B, step).peak
+    assert abs(predicted / measured - 1) <= TOLERANCE, f"{name}: predicted {predicted:.2f} GiB, measured {measured}"
+
+
+def test_the_shape_counts_match_the_published_model():
+    assert QWEN7B.params == pytest.approx(7.62e9, rel=0.005)                  # Qwen2.5-7B: 7.61 B parameters
+    assert QWEN7B.lora_params(16, list(Step(1, 1).lora_targets)) == 40_370_176  # PEFT's count: 40.4 M trainable
+    assert QWEN7B.flops_per_token(2048) == pytest.approx(30.7e9, rel=0.01)    # ANCHORS.md: 30.7 GFLOP per token
+
+
+def test_parts_worked_out_by_hand_on_the_tiny_model():
+    tiny = Shape.of(load_model("tiny-qwen2").architecture_config())  # h 64, ffn 128, 2 layers, 4/2 heads, vocab 1152
+    per_layer = 64 * 64 + 64 * 32 * 2 + 64 * 64 + 64 * 128 * 3
+    assert tiny.params == 2 * per_layer + 2 * 1152 * 64 + 2 * 2 * 64 + 64
+    mem = training(tiny, Step(1, 100, lora_r=4, lora_targets=("q_proj",), lora_dropout=False, precision="fp32",
+                              checkpointing=False))
+    assert mem.parts["weights"] == pytest.approx(tiny.params * 4 / GiB)
+    assert mem.parts["adapter"] == pytest.approx(2 * 4 * (64 + 64) * 16 / GiB)      # 2 layers × r·(in+out) × 16 B
+    kept = 6 * 64 + 2 * 64 + 2 * 32 + 4 * 128                                          # elements a layer keeps a token
+    assert mem.parts["activations"] == pytest.approx(100 * 3 * kept * 4 / GiB)        # (layers + 1) × 100 tokens, fp32
+    q = training(tiny, Step(1, 100, qlora=True))
+    assert q.parts["weights"] == pytest.approx((2 * per_layer * NF4_BYTES + (tiny.params - 2 * per_layer) * 2) / GiB)
+
+
+def test_a_step_that_does_not_fit_says_what_would():
+    hw = load_profile("4090", [("micro_batch", 8), ("grad_accum", 4)])
+    step = planner.step_of(hw)
+    mem = training(QWEN7B, step)
+    text, fits = planner.memory_line(mem, hw, step)
+    assert not fits and "FAIL" in text
+    batch = int(text.split("to fit: micro_batch ")[1].split()[0])
+    assert training(QWEN7B, Step(batch, 2048, liger=True)).reserved <= planner.usable_gib(hw)
+    assert training(QWEN7B, Step(batch + 1, 2048, liger=True)).reserved > planner.usable_gib(hw)
+    assert f"hw.micro_batch={batch} hw.grad_accum={32 // batch}" in text
+
+
+def test_time_comes_from_the_pool_manifest_when_there_is_one(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"pool": {"sft": {"tokens": 2_000_000}}}), encoding="utf-8")
+    hw, model = load_profile("4090"), load_model("qwen2.5-7b-instruct")
+    est = planner.training(hw, model, kind="sft", epochs=1.5, max_steps=None, data_path=tmp_path,
+                           save_total_limit=2)
+    tps = planner.tokens_per_second(hw, model, planner.step_of(hw))
+    assert est.seconds == pytest.approx(3_000_000 / tps)
+    assert "3.0 M tokens (the pool's manifest: 2.00 M × 1.5 epoch(s))" in dict(est.lines)["time"]
+    assert tps == pytest.approx(0.257 * 165e12 / QWEN7B.flops_per_token(2048))   # the anchor MFU on the 4090's peak
+
+
+def test_every_plan_shows_memory_time_and_disk_and_make_plan_a_total(capsys):
+    assert sft_main(["--hw", "4090"]) == 0
+    out = capsys.readouterr().out
+    assert "    memory  GPU peak 17.2 GiB allocated" in out and ": PASS" in out
+    assert "    time    " in out and "    disk    " in out and "base download 14.2 GiB" in out
+    from pipeline.plan import main as plan_main
+
+    assert plan_main(["--hw", "5090"]) == 0
+    total = capsys.readouterr().out.splitlines()[-1]
+    assert total.startswith("── total ── (HW=5090)") and "GiB of disk" in total
+
+
+def test_the_gpu_table_finds_cards_by_their_torch_names():
+    assert gpus.find("NVIDIA H200").bf16_tflops == 989.0
+    assert gpus.find("NVIDIA GeForce RTX 4090").memory_gib == 24
+    assert gpus.find("Tesla T4") is None
