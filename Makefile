@@ -20,10 +20,14 @@ OVERWRITE ?=
 VERIFY ?=
 RUN_ID ?=
 RESUME ?=
+STAGE ?= sft
+DATA ?=
+CAP ?=
+OUT ?= outputs/bench-gpu
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help demo setup plan pipeline prepare data bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull rerun ui screenshots test lint clean
+.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull rerun ui screenshots test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -57,7 +61,7 @@ help: ## list the targets and the variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DRY_RUN=$(DRY_RUN) HW=$(HW) EXPERIMENT=$(EXPERIMENT) ENV_MANAGER=$(ENV_MANAGER)" \
-	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS)"
+	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS) STAGE=$(STAGE)"
 
 demo: ## start here: set up, then run the whole chain for real on the tiny model, offline (HW=cpu, a few minutes)
 	@$(MAKE) --no-print-directory setup
@@ -85,6 +89,13 @@ prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preferenc
 	$(call stage,prepare)
 
 data: prepare ## alias of prepare
+
+bench: $(STAMP) ## tokens/s, MFU and peak memory of STAGE=sft|dpo|orpo on HW's profile beside TRL's defaults (DATA=pool, CAP=GiB)
+	$(PY) -m pipeline.bench --hw '$(HW)' --stage '$(STAGE)' --overrides '$(SET)' $(if $(DATA),--data '$(DATA)') \
+	  $(if $(CAP),--mem-cap-gib $(CAP)) --out outputs/bench/$(HW)-$(STAGE)
+
+bench-gpu: $(STAMP) ## on an H100/H200 (≤ 8 min): every profile under its card's cap vs its baseline and the planner; JSON in OUT
+	$(PY) tools/bench_gpu.py --out '$(OUT)'
 
 bench-data: $(STAMP) ## time the cleaning path on ROWS synthetic zh/en rows against a naive loop (speed, peak RSS)
 	$(PY) tools/bench_data.py --rows $(ROWS)

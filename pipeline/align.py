@@ -95,7 +95,7 @@ def plan(r: Resolved) -> Plan:
        estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,
                                  max_steps=t.max_steps, save_total_limit=t.save_total_limit,
                                  data_path=None if cfg.data.run_id or not cfg.data.path else repo_path(cfg.data.path),
-                                 full_logits=cfg.loss == "orpo"))
+                                 logit_chunk=preference.logit_chunk(cfg.loss)))
 
 
 def _pref_share(r: Resolved) -> str:
@@ -137,17 +137,20 @@ def run(r: Resolved) -> AlignResult:
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
                    shortfall=(report["shortfall"] or {}).get("action", "none"))
-        done = T.fit(r, STAGE.name, lambda: _trainer(r, pool, rows, out, start["folder"]), out, tags)
+        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out, start["folder"]), out, tags)
     return AlignResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, start["source"], done.registered)
 
 
-def _trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path, adapter: Path) -> tuple[Any, Any]:
+def build_trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path, adapter: Path | None,
+             loaded: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+    """(trainer, tokenizer) over ``rows`` of the pool; ``loaded`` = (PEFT model, tokenizer) already built (the
+    benchmark's random model), else the profile's base continuing the SFT ``adapter``."""
     from datasets import Dataset
     from transformers import set_seed
 
     cfg, hw = r.cfg, r.hw
     set_seed(cfg.train.seed)
-    model, tokenizer = load_for_training(r.model, hw, None, cfg.qlora, adapter=str(adapter))
+    model, tokenizer = loaded or load_for_training(r.model, hw, None, cfg.qlora, adapter=str(adapter))
     data = Dataset.from_list([_pair(pool.train[i], cfg.loss, tokenizer, r.model.system_prompt) for i in rows])
     held = Dataset.from_list([_pair(x, cfg.loss, tokenizer, r.model.system_prompt) for x in pool.eval]) \
         if pool.eval else None

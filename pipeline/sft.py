@@ -88,11 +88,14 @@ def run(r: Resolved) -> SftResult:
     with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report)
-        done = T.fit(r, STAGE.name, lambda: _trainer(r, pool, rows, out), out, tags)
+        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags)
     return SftResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, done.registered)
 
 
-def _trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path) -> tuple[Any, Any]:
+def build_trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path,
+                  loaded: tuple[Any, Any] | None = None) -> tuple[Any, Any]:
+    """(trainer, tokenizer) over ``rows`` of the pool; ``loaded`` = (PEFT model, tokenizer) already built (the
+    benchmark's random model), else the profile's base with a new LoRA."""
     from datasets import Dataset
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -102,7 +105,7 @@ def _trainer(r: Resolved, pool: prepared.Pool, rows: list[int], out: Path) -> tu
     data = Dataset.from_list([{"messages": with_system(pool.train[i]["messages"], system)} for i in rows])
     held = Dataset.from_list([{"messages": with_system(x["messages"], system)} for x in pool.eval]) if pool.eval else None
     set_seed(cfg.train.seed)  # the LoRA init draws from the RNG: the same seed gives the same starting adapter
-    model, tokenizer = load_for_training(r.model, hw, cfg.lora, cfg.qlora)
+    model, tokenizer = loaded or load_for_training(r.model, hw, cfg.lora, cfg.qlora)
     trainer = T.build_trainer(SFTTrainer, SFTConfig, r, model, tokenizer, data, held, out,
                               assistant_only_loss=True, packing=cfg.train.packing)
     return trainer, tokenizer

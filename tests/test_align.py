@@ -57,7 +57,7 @@ def test_dpo_starts_at_ln2_without_the_penalty_and_its_margin_grows(world):
     r = resolved(world, "dpo", "length_penalty=0.0", "train.max_steps=8", "train.lr=5e-3", "train.warmup_ratio=0.0",
                  f"start_from={world['adapter']}")
     p = prepared.load_pool(r.cfg.data, "pref", r)
-    trainer, _ = align._trainer(r, p, [0, 1, 2, 3] * 8, world["tmp"] / "dpo-ln2", world["adapter"])
+    trainer, _ = align.build_trainer(r, p, [0, 1, 2, 3] * 8, world["tmp"] / "dpo-ln2", world["adapter"])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its own reference
@@ -67,7 +67,7 @@ def test_dpo_starts_at_ln2_without_the_penalty_and_its_margin_grows(world):
 def test_orpo_labels_end_with_a_single_end_token(world):
     r = resolved(world, "orpo", f"start_from={world['adapter']}")
     p = prepared.load_pool(r.cfg.data, "pref", r)
-    trainer, tok = align._trainer(r, p, [0, 1], world["tmp"] / "orpo-labels", world["adapter"])
+    trainer, tok = align.build_trainer(r, p, [0, 1], world["tmp"] / "orpo-labels", world["adapter"])
     batch = next(iter(trainer.get_train_dataloader()))
     end = tok.convert_tokens_to_ids("<|im_end|>")
     for key in ("chosen_labels", "rejected_labels"):
@@ -111,3 +111,76 @@ def test_the_dry_run_shows_start_point_loss_and_mix(capsys):
     assert "latest FINISHED sft run with base qwen2.5-7b-instruct and profile 4090" in page
     assert "length penalty alpha 0.02" in page and "alpha·(|y_w| − |y_l|)" in page
     assert "zh share of tokens >=" in page
+
+
+def _orpo_batch(world, name: str):
+    """An ORPO trainer on the sft adapter and its first training batch (4 pairs)."""
+    r = resolved(world, "orpo", f"start_from={world['adapter']}")
+    p = prepared.load_pool(r.cfg.data, "pref", r)
+    trainer, _ = align.build_trainer(r, p, [0, 1, 2, 3], world["tmp"] / name, world["adapter"])
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def _shifted_tokens(batch) -> int:
+    """Positions the ORPO loss projects: 2B rows of the padded length minus one."""
+    width = max(batch[f"{k}_input_ids"].shape[1] for k in ("chosen", "rejected"))
+    return 2 * len(batch["chosen_labels"]) * (width - 1)
+
+
+def _loss_and_grads(trainer, model, batch, forward):
+    torch.manual_seed(0)  # the same LoRA dropout masks for both implementations
+    model.zero_grad()
+    out = forward(model, batch)
+    (out[4] - trainer.odds_ratio_loss(out[0], out[1])[0].mean()).backward()
+    return [x.detach() for x in out], {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "non-reentrant", "reentrant"])
+def test_the_chunked_orpo_forward_gives_trls_values_and_lora_gradients(world, monkeypatch, checkpointing):
+    from trl.experimental.orpo import ORPOTrainer
+
+    trainer, batch = _orpo_batch(world, f"orpo-chunked-{checkpointing}")
+    model = trainer.model.train()
+    if checkpointing != "off":
+        model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()  # what the trainer does for PEFT under checkpointing
+        assert model.is_activation_checkpointing
+    tokens = _shifted_tokens(batch)
+    chunk = tokens // 3 + 1
+    assert 0 < tokens - 2 * chunk < chunk  # three chunks, the last one partial
+    monkeypatch.setattr(preference, "CHUNK_TOKENS", chunk)
+    ours, grads = _loss_and_grads(trainer, model, batch, trainer.concatenated_forward)
+    theirs, their_grads = _loss_and_grads(trainer, model, batch,
+                                          lambda m, b: ORPOTrainer.concatenated_forward(trainer, m, b))
+    for i in (0, 1, 4):  # chosen logps, rejected logps, chosen NLL
+        torch.testing.assert_close(ours[i], theirs[i], rtol=1e-5, atol=1e-6)
+    for i in (2, 3):  # what get_batch_loss_metrics logs as logits/chosen, logits/rejected
+        assert ours[i].shape == () and theirs[i].dim() == 3
+        torch.testing.assert_close(ours[i].mean(), theirs[i].mean(), rtol=1e-5, atol=1e-6)
+    assert ours[4] > 0 and (ours[0] < 0).all() and (ours[0] != ours[1]).any()
+    assert grads.keys() == their_grads.keys() and any("lora_" in n for n in grads)
+    assert any(g.abs().max() > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_chunked_orpo_loss_never_projects_more_than_a_chunk(world, monkeypatch):
+    trainer, batch = _orpo_batch(world, "orpo-chunk-hook")
+    model = trainer.model.train()
+    monkeypatch.setattr(preference, "CHUNK_TOKENS", 16)
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        loss, metrics = trainer.get_batch_loss_metrics(model, batch)
+        loss.backward()
+        trained = sum(seen)
+        with torch.no_grad():  # evaluation: nothing to recompute
+            trainer.get_batch_loss_metrics(model.eval(), batch, train_eval="eval")
+    finally:
+        handle.remove()
+    rows, tokens = 2 * len(batch["chosen_labels"]), _shifted_tokens(batch)
+    assert len(seen) > 3 and max(seen) <= 16, seen
+    # the model projects one position per row; every other position once forward and once more in backward
+    assert trained == rows + 2 * tokens and sum(seen) - trained == rows + tokens
+    assert math.isfinite(metrics["logits/chosen"]) and metrics["nll_loss"] > 0

@@ -180,6 +180,16 @@ def test_cuda_only_features_on_a_cpu_profile_are_refused():
     assert "`qlora` needs CUDA but `device` is cpu" in msg
 
 
+def test_checkpoint_layers_takes_a_count_or_auto_and_needs_checkpointing():
+    assert C.load_profile("4090", [("checkpoint_layers", 20)]).checkpoint_layers == 20
+    assert C.load_profile("4090").checkpoint_layers == "auto"
+    msg = _problems(stage="sft", hw="4090", overrides=[("hw.checkpoint_layers", "some")])
+    assert "`checkpoint_layers` (from --set): expected an integer or one of 'auto' or null; got 'some'" in msg
+    msg = _problems(stage="sft", hw="cpu", overrides=[("hw.checkpoint_layers", 2)])
+    assert "`checkpoint_layers` is 2" in msg and "turn checkpointing on" in msg
+    assert "at least 1" in _problems(stage="sft", hw="4090", overrides=[("hw.checkpoint_layers", 0)])
+
+
 def test_align_loss_must_agree_with_its_config():
     assert "`loss: orpo` but --loss dpo" in _problems(stage="align", config=CONFIGS / "align" / "orpo.yaml",
                                                       variant="dpo")

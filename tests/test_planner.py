@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.core.profiles import load_model, load_profile
 from pipeline.hardware import gpus, planner
-from pipeline.hardware.memory import NF4_BYTES, GiB, Shape, Step, training
+from pipeline.hardware.memory import NF4_BYTES, GiB, Shape, Step, layer_activation_bytes, training
 from pipeline.sft import main as sft_main
 
 QWEN7B = Shape.of(load_model("qwen2.5-7b-instruct").architecture_config())
@@ -58,7 +58,7 @@ def test_parts_worked_out_by_hand_on_the_tiny_model():
 
 def test_a_step_that_does_not_fit_says_what_would():
     hw = load_profile("4090", [("micro_batch", 8), ("grad_accum", 4)])
-    step = planner.step_of(hw)
+    step = planner.step_of(hw, QWEN7B)
     mem = training(QWEN7B, step)
     text, fits = planner.memory_line(mem, hw, step)
     assert not fits and "FAIL" in text
@@ -68,12 +68,38 @@ def test_a_step_that_does_not_fit_says_what_would():
     assert f"hw.micro_batch={batch} hw.grad_accum={32 // batch}" in text
 
 
+def test_checkpointing_some_layers_lies_between_all_and_none_by_hand():
+    step = Step(2, 2048, liger=True)
+    every, none = training(QWEN7B, step), training(QWEN7B, Step(2, 2048, liger=True, checkpointing=False))
+    assert training(QWEN7B, Step(2, 2048, liger=True, checkpoint_layers=28)).peak == pytest.approx(every.peak)
+    assert training(QWEN7B, Step(2, 2048, liger=True, checkpoint_layers=99)).peak == pytest.approx(every.peak)
+    # a layer that keeps its activations instead of its input: activations minus the input (h bf16 values a token)
+    per_layer = step.tokens * (layer_activation_bytes(QWEN7B, step) - 2 * QWEN7B.hidden) / GiB
+    for k in (1, 14, 27):
+        peak = training(QWEN7B, Step(2, 2048, liger=True, checkpoint_layers=k)).peak
+        assert peak == pytest.approx(every.peak + (28 - k) * per_layer) and every.peak < peak <= none.peak + per_layer
+
+
+def test_auto_checkpoint_layers_is_the_fewest_that_fit_with_the_margin():
+    hw = load_profile("4090")
+    room = planner.usable_gib(hw) * (1 - planner.TUNING_MARGIN)
+    sft = planner.step_of(hw, QWEN7B)
+    k = sft.checkpoint_layers
+    assert 0 < k < 28 and training(QWEN7B, sft).reserved <= room
+    assert training(QWEN7B, Step(2, 2048, liger=True, checkpoint_layers=k - 1)).reserved > room
+    pair = planner.step_of(hw, QWEN7B, sequences=2)                 # a DPO pair: twice the tokens, more recompute
+    assert pair.checkpointed(28) > k
+    big = load_profile("4090", [("micro_batch", 16), ("grad_accum", 2)])  # nothing fits: all layers recompute
+    assert planner.step_of(big, QWEN7B).checkpointed(28) == 28
+    assert planner.mfu(sft, 28) > planner.mfu(Step(2, 2048, liger=True), 28)
+
+
 def test_time_comes_from_the_pool_manifest_when_there_is_one(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"pool": {"sft": {"tokens": 2_000_000}}}), encoding="utf-8")
-    hw, model = load_profile("4090"), load_model("qwen2.5-7b-instruct")
+    hw, model = load_profile("4090", [("checkpoint_layers", None)]), load_model("qwen2.5-7b-instruct")
     est = planner.training(hw, model, kind="sft", epochs=1.5, max_steps=None, data_path=tmp_path,
                            save_total_limit=2)
-    tps = planner.tokens_per_second(hw, model, planner.step_of(hw))
+    tps = planner.tokens_per_second(hw, model, planner.step_of(hw, planner.shape(model)))
     assert est.seconds == pytest.approx(3_000_000 / tps)
     assert "3.0 M tokens (the pool's manifest: 2.00 M × 1.5 epoch(s))" in dict(est.lines)["time"]
     assert tps == pytest.approx(0.257 * 165e12 / QWEN7B.flops_per_token(2048))   # the anchor MFU on the 4090's peak
@@ -82,7 +108,7 @@ def test_time_comes_from_the_pool_manifest_when_there_is_one(tmp_path):
 def test_every_plan_shows_memory_time_and_disk_and_make_plan_a_total(capsys):
     assert sft_main(["--hw", "4090"]) == 0
     out = capsys.readouterr().out
-    assert "    memory  GPU peak 17.2 GiB allocated" in out and ": PASS" in out
+    assert "    memory  GPU peak 20.4 GiB allocated" in out and ": PASS" in out and "auto: 24 of 28 layers" in out
     assert "    time    " in out and "    disk    " in out and "base download 14.2 GiB" in out
     from pipeline.plan import main as plan_main
 

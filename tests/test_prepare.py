@@ -476,3 +476,123 @@ def test_decontamination_drops_a_training_row_that_copies_an_eval_item(tmp_path,
     assert "一年有多少个月" not in (out / "sft.jsonl").read_text(encoding="utf-8") + \
         (out / "sft_eval.jsonl").read_text(encoding="utf-8")
     assert "overlapping zh_smoke: 1" in (out / "DATA_CARD.md").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The token pass: the fast path gives exactly the template's counts; progress in a log is one line per step
+# ---------------------------------------------------------------------------------------------------------------
+def _tokenizers():
+    from pipeline.core.profiles import load_model
+    from pipeline.models.loading import load_tokenizer
+    from pipeline.models.qwen_tokenizer import load_qwen25_tokenizer
+
+    return {"qwen2.5": load_qwen25_tokenizer(), **{n: load_tokenizer(load_model(n)) for n in ("tiny-qwen2", "tiny-qwen3")}}
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return _tokenizers()
+
+
+def _fixture_rows(kind: str) -> list[dict]:
+    """zh and en rows of the fixtures, multi-turn ones included, plus rows with their own system turn."""
+    names = {"sft": ("oasst1", "coig", "coig_pc_core"), "pref": ("oasst1", "hh_rlhf", "shp", "pku_saferlhf",
+                                                                 "ultrafeedback_binarized")}[kind]
+    recs = [r for name in names for r in parse(name)[0] if r["kind"] == kind]
+    key = "messages" if kind == "sft" else "prompt"
+    own = [{**r, key: [{"role": "system", "content": "你是一位严谨的老师。 "}, *r[key]]} for r in recs[:3]]
+    return recs + own
+
+
+def _reference(tok, row: dict, kind: str, system: str | None) -> int:
+    """The old way, row by row: apply_chat_template(..., tokenize=True) on each conversation."""
+    from pipeline.data.clean import with_system
+
+    def n(conv):
+        return len(tok.apply_chat_template(with_system(conv, system), tokenize=True)["input_ids"])
+    return n(row["messages"]) if kind == "sft" else max(n(row["prompt"] + row["chosen"]),
+                                                        n(row["prompt"] + row["rejected"]))
+
+
+@pytest.mark.parametrize("kind", ["sft", "pref"])
+@pytest.mark.parametrize("system", ["你是一个乐于助人的助手。", None])
+def test_the_fast_token_pass_counts_exactly_what_the_chat_template_gives(tokenizers, kind, system):
+    from pipeline.data.clean import Lengths, count_tokens
+
+    recs = _fixture_rows(kind)
+    assert {classify(" ".join(m["content"] for m in r.get("messages") or r["prompt"])) for r in recs} >= {"zh", "en"}
+    keys = ("messages",) if kind == "sft" else ("prompt", "chosen", "rejected")
+    batch = {k: [r[k] for r in recs] for k in keys}
+    for name, tok in tokenizers.items():
+        fast = Lengths(tok, system)
+        assert fast.tokenizer is None and fast.split, f"{name}: the fast path is off"
+        out = count_tokens(batch, tokenizer=tok, system=system, kind=kind, edges=[64, 256, 100000], truncate=False)
+        assert out["n_tokens"] == [_reference(tok, r, kind, system) for r in recs], name
+        assert "messages" not in out and "prompt" not in out  # nothing rewritten unless truncating
+
+
+def test_lengths_pickles_without_the_tokenizer_and_renders_other_turns_with_the_template(tokenizers):
+    import pickle
+
+    from pipeline.data import clean
+    from pipeline.data.clean import Lengths
+
+    tok = tokenizers["qwen2.5"]
+    made = Lengths(tok, "系统")
+    assert pickle.loads(pickle.dumps(made)) is made  # a forked map worker uses its parent's object
+    blob, key = pickle.dumps(made), made.key
+    del made
+    assert key not in clean._MADE
+    lengths = pickle.loads(blob)  # elsewhere (spawned, or the maker gone): rebuilt from its state
+    convs = [[{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好！"}],
+             [{"role": "user", "content": "天气？"}, {"role": "tool", "content": "晴"}],  # not a plain turn
+             [{"role": "user", "content": "x", "name": None}, {"role": "assistant", "content": "<|im_end|> 好"}]]
+    ref = [len(tok.apply_chat_template([{"role": "system", "content": "系统"}, *c], tokenize=True)["input_ids"])
+           for c in convs]
+    assert lengths(convs) == ref and lengths.tokenizer is None
+    assert lengths.render(convs[1]) == tok.apply_chat_template([{"role": "system", "content": "系统"}, *convs[1]],
+                                                               tokenize=False)
+
+
+def _map_output(tmp_path, bars_off: bool) -> str:
+    """A 40-batch map run with stdout and stderr going to a file, as a log would get it."""
+    import subprocess
+    import sys
+
+    script = ("import logging, time, datasets\nfrom pipeline.data import pool\nlogging.basicConfig(level=logging.INFO)\n"
+              "ds = datasets.Dataset.from_dict({'x': list(range(4000))})\n"
+              "def slow(b):\n    time.sleep(0.03)\n    return {'y': b['x']}\n"
+              + ("pool.map_step(ds, slow, 'demo step', batch_size=100)\n" if bars_off else
+                 "ds.map(slow, batched=True, batch_size=100, desc='demo step')\n"))
+    log = tmp_path / f"log-{bars_off}.txt"
+    with open(log, "w", encoding="utf-8") as f:
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
+                       timeout=120)
+    return log.read_text(encoding="utf-8")
+
+
+def test_progress_in_a_log_file_is_one_line_per_map_step(tmp_path):
+    import re
+
+    lines = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=True)) if x.strip()]
+    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s\)", lines[0])
+    bars = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=False)) if x.strip()]
+    assert len(bars) > 5  # what a log got before: one line per bar update
+
+
+def test_compact_column_and_arrow_rows_keep_a_selections_rows_and_order(tmp_path):
+    from datasets import Dataset
+
+    from pipeline.data import pool
+
+    recs = ({"kind": "sft", "source_id": str(i), "messages": [{"role": "user", "content": f"第{i}个问题"}]}
+            for i in range(5000))
+    ds = Dataset.from_file(str(pool.write_arrow(recs, tmp_path / "arrow" / "records.arrow", chunk=700)))
+    assert len(ds) == 5000 and ds[4321]["messages"] == [{"role": "user", "content": "第4321个问题"}]
+    for picked in ([3, 5, 700, 701, 4999], [4000, 2, 2, 1400]):  # sorted (as the stage selects), and not
+        sel = ds.select(picked)
+        assert pool.column(sel, "source_id") == [str(i) for i in picked]
+        assert pool.arrow_rows(sel, 1, 3).column("source_id").to_pylist() == [str(i) for i in picked[1:3]]
+        small = pool.compact(sel)
+        assert small._indices is None and small.cache_files and small["source_id"] == [str(i) for i in picked]
+        assert pool.compact(sel)["messages"] == small["messages"]  # compacted again: the same file, reused

@@ -49,7 +49,7 @@ def test_the_ordered_dataset_holds_the_zh_share(pool, tmp_path):
 def test_labels_cover_only_the_assistant_answers_and_their_end_token(pool, tmp_path):
     r = resolved(pool, tmp_path)
     p = prepared.load_pool(r.cfg.data, "sft", r)
-    trainer, tok = sft._trainer(r, p, list(range(4)), tmp_path)
+    trainer, tok = sft.build_trainer(r, p, list(range(4)), tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     row = p.train[0]
     ids, labels = batch["input_ids"][0], batch["labels"][0]
@@ -65,10 +65,28 @@ def test_loss_falls_clearly_over_twenty_steps_on_a_small_repeated_set(pool, tmp_
     r = resolved(pool, tmp_path, "train.max_steps=20", "train.lr=2e-2", "train.warmup_ratio=0.0",
                  "train.eval_steps=100", "train.save_steps=100")
     p = prepared.load_pool(r.cfg.data, "sft", r)
-    trainer, _ = sft._trainer(r, p, [0, 1, 2, 3] * 20, tmp_path)  # four conversations, one batch, seen 20 times
+    trainer, _ = sft.build_trainer(r, p, [0, 1, 2, 3] * 20, tmp_path)  # four conversations, one batch, seen 20 times
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 20 and sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3, losses
+
+
+def test_checkpoint_layers_recomputes_only_the_first_layers_and_learns_the_same(pool, tmp_path):
+    """hw.checkpoint_layers=1 of the tiny model's 2 layers: layer 0 recomputes, layer 1 keeps its activations, and
+    the losses are those of checkpointing both (recomputation changes memory, not the numbers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    losses = {}
+    for k in ("1", "null"):
+        r = resolved(pool, tmp_path / k, "train.max_steps=3", "train.save_steps=100", "train.eval_steps=100",
+                     "hw.activation_checkpointing=true", f"hw.checkpoint_layers={k}")
+        p = prepared.load_pool(r.cfg.data, "sft", r)
+        trainer, _ = sft.build_trainer(r, p, list(range(12)), tmp_path / k)
+        trainer.train()
+        blocks = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert [b.gradient_checkpointing for b in blocks] == ([True, False] if k == "1" else [True, True])
+        losses[k] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses["1"] == pytest.approx(losses["null"], rel=1e-5)
 
 
 def test_a_run_logs_its_metrics_and_registers_the_adapter(pool, tmp_path, mlflow_store):

@@ -25,10 +25,22 @@ def test_gpu_smoke_cpu_check_trains_and_aligns_through_the_stages(tmp_path):
         assert all(case["checks"].values()) and case["run"]["status"] == "FINISHED"
 
 
-def test_bench_data_cleans_like_the_naive_loop(tmp_path):
+def test_bench_data_cleans_like_the_naive_loop_and_counts_tokens_like_encode_batch(tmp_path):
     out = tmp_path / "bench.json"
-    done = _run(["tools/bench_data.py", "--rows", "2000", "--token-sample", "200", "--out", str(out)], tmp_path)
+    done = _run(["tools/bench_data.py", "--rows", "2000", "--out", str(out)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["rows"] == 2000 and report["targets"]["same_rows_as_naive"]["pass"]
     assert report["cleaning_path"]["kept"] == report["naive"]["kept"] > 0
+    tokens, e2e = report["token_pass"], report["end_to_end"]
+    assert tokens["rows"] == report["cleaning_path"]["kept"] and tokens["same_lengths"]
+    assert tokens["tokens"] > 100 * tokens["rows"]  # the system prompt alone is 60 of Qwen2.5's tokens
+    assert tokens["stage"]["rows_per_s"] > 0 and tokens["bare"]["tokens_per_s"] > 0
+    assert e2e["rows"] == 2000 and e2e["outputs"]["sft.jsonl"] > 1000 and e2e["outputs"]["pref.jsonl"] > 100
+    assert e2e["peak_rss"]["all_pss"] > 0 and set(report["targets"]) >= {"token_ratio", "e2e_seconds_per_1m",
+                                                                         "e2e_peak_pss_all", "e2e_peak_rss_all"}
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["cores_usable"] >= 1 and machine["versions"]["tokenizers"]
+    assert "tools/bench_data.py --rows 2000" in machine["command"] and machine["date"].startswith("20")
+    lines = done.stdout.splitlines() + done.stderr.splitlines()
+    assert any("PASS" in x or "FAIL" in x for x in lines) and len(lines) < 80  # no progress-bar lines in the log

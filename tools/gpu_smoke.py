@@ -141,7 +141,7 @@ def sft_sets(s: Smoke, name: str, extra: list[str]) -> list[str]:
 
 
 def trainer_hook(box: dict[str, Any], on_ready: Callable[[Any], None] | None = None):
-    """Wrap ``sft._trainer`` to keep the trainer it builds in ``box["trainer"]`` (and run ``on_ready`` on it)."""
+    """Wrap ``sft.build_trainer`` to keep the trainer it builds in ``box["trainer"]`` (and run ``on_ready`` on it)."""
     from pipeline import sft
 
     def make(original: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
@@ -153,7 +153,7 @@ def trainer_hook(box: dict[str, Any], on_ready: Callable[[Any], None] | None = N
             return trainer, tokenizer
         return wrapped
 
-    return replaced(sft, "_trainer", make)
+    return replaced(sft, "build_trainer", make)
 
 
 def applied(trainer: Any) -> dict[str, Any]:

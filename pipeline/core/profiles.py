@@ -81,6 +81,9 @@ class HardwareProfile:
     qlora: bool
     activation_checkpointing: bool
     liger: bool
+    # with checkpointing: the first N decoder layers recompute (null: all; a model with fewer layers recomputes all),
+    # or `auto`: the fewest that let the stage's step fit the card with the planner's margin, per stage and model
+    checkpoint_layers: int | Literal["auto"] | None = None
     peak_tflops: float | None = None
     config_dir: str = "configs"          # the stage configs this profile runs with (cpu: the offline twins)
     source_file: str = ""
@@ -90,6 +93,11 @@ class HardwareProfile:
         if self.device == "cpu":
             problems += [f"{key(k)} needs CUDA but `device` is cpu; set `{k}: false`" for k in ("qlora", "liger")
                          if getattr(self, k)]
+        if self.checkpoint_layers is not None and (not self.activation_checkpointing or self.checkpoint_layers != "auto"
+                                                   and self.checkpoint_layers < 1):
+            problems.append(f"{key('checkpoint_layers')} is {self.checkpoint_layers!r}: it counts the decoder layers that "
+                            f"recompute under `activation_checkpointing: true` (at least 1, or auto); set it to null "
+                            f"for all layers, or turn checkpointing on")
         if not repo_path(self.config_dir).is_dir():
             problems.append(f"{key('config_dir')} {self.config_dir!r} is not a folder of stage configs")
         return problems

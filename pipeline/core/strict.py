@@ -126,6 +126,15 @@ class _Builder:
             inner = [a for a in args if a is not type(None)]
             if len(inner) == 1:
                 return self.value(inner[0], raw, path)
+            for candidate in inner:          # `int | Literal["auto"]`: the first member that takes the value
+                problems, malformed = len(self.problems), self.malformed
+                value = self.value(candidate, raw, path)
+                if len(self.problems) == problems:
+                    return value
+                del self.problems[problems:]
+                self.malformed = malformed
+            self.fail(path, f"expected {_type_name(tp)}; got {raw!r}")
+            return raw
         if dataclasses.is_dataclass(tp):
             return self.dataclass(tp, raw, path)
         if origin is Literal:

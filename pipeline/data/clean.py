@@ -10,7 +10,11 @@ Token lengths and buckets come after dedup (:func:`count_tokens`), since tokenis
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import os
+import pickle
+import weakref
 from typing import Any
 
 from pipeline.data.text import classify, dedup_key, normalise, script
@@ -139,23 +143,135 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
     return [{"role": "system", "content": system}, *messages]
 
 
+# Chat templates whose output for plain turns (system / user / assistant, text content, no tools) is known: each turn
+# is ``<|im_start|>{role}\n{content}<|im_end|>\n``, after this opening when the first turn is not a system turn.
+PLAIN_TEMPLATES = {"qwen2_5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                              "assistant.<|im_end|>\n",
+                   "qwen3_instruct_2507": ""}
+ROLES = ("system", "user", "assistant")
+
+
+@functools.cache
+def _plain_opening(template: str) -> str | None:
+    """The opening of a known template (compared byte for byte with TRL's copies), or None: render with jinja."""
+    from pipeline.models.tiny import chat_template
+
+    for name, opening in PLAIN_TEMPLATES.items():
+        try:
+            if template == chat_template(name):
+                return opening
+        except (ModuleNotFoundError, OSError):
+            return None
+    return None
+
+
+class Lengths:
+    """Token lengths of conversations as training renders them (:func:`with_system`, the chat template, no added
+    special tokens): exactly ``len(apply_chat_template(conv, tokenize=True)["input_ids"])`` (tests/test_prepare.py
+    compares them), with one tokenizer call per batch.
+
+    A known template on plain turns is rendered by string joins, in pieces whose counts add up: the opening and each
+    ``<|im_start|>role\ncontent<|im_end|>\n`` turn (the tokenizer splits its text at added tokens and encodes what lies
+    between them on its own). A batch encodes each distinct piece once — the system prompt once, not once per row; a
+    pair's prompt once, not for chosen and for rejected. A fast tokenizer's Rust backend counts; then only the backend,
+    the template and the special tokens are kept (~160 MB for Qwen2.5 rather than ~400). A map worker forked from the
+    process that made it uses that very object (pickled, it is a key and its state as bytes, unpickled only where the
+    key is unknown): no copy of the tokenizer per worker."""
+
+    def __init__(self, tokenizer: Any, system: str | None) -> None:
+        self.system, self.template = system, tokenizer.chat_template
+        self.opening = _plain_opening(self.template) if isinstance(self.template, str) else None
+        self.special = dict(tokenizer.special_tokens_map)  # what apply_chat_template hands the template
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        direct = backend is not None and backend.truncation is None and backend.padding is None and \
+            not backend.encode_special_tokens and not getattr(tokenizer, "split_special_tokens", False)
+        self.backend, self.tokenizer = (backend, None) if direct and self.opening is not None else (None, tokenizer)
+        self.split = self.backend is not None and _splits_at(self.backend) and self._adds_up()
+        self.key = f"{os.getpid()}:{id(self)}"
+        _MADE[self.key] = self
+
+    def __reduce__(self):
+        return _lengths, (self.key, pickle.dumps(self.__dict__))
+
+    def pieces(self, conv: list[dict[str, Any]]) -> list[str]:
+        """The conversation's text in pieces whose token counts add up (one piece where that is not known)."""
+        pieces = self._turns(with_system(conv, self.system))
+        return pieces if self.split else ["".join(pieces)]
+
+    def _turns(self, conv: list[dict[str, Any]]) -> list[str]:
+        """The opening and each turn of a known template on plain turns; else the whole text."""
+        if self.opening is None or not conv or not all(m.keys() == {"role", "content"} and m["role"] in ROLES
+                                                       and isinstance(m["content"], str) for m in conv):
+            return [self._template(conv)]
+        turns = [f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv]
+        return turns if conv[0]["role"] == "system" or not self.opening else [self.opening, *turns]
+
+    def render(self, conv: list[dict[str, Any]]) -> str:
+        return "".join(self.pieces(conv))
+
+    def __call__(self, convs: list[list[dict[str, Any]]]) -> list[int]:
+        pieces = [self.pieces(c) for c in convs]
+        unique = list(dict.fromkeys(p for ps in pieces for p in ps))
+        counts = dict(zip(unique, self._encode(unique), strict=True))
+        return [sum(counts[p] for p in ps) for ps in pieces]
+
+    def _encode(self, texts: list[str]) -> list[int]:
+        if self.backend is not None:  # (encode_batch_fast, without offsets, measured slower here)
+            return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [len(x) for x in self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+
+    def _template(self, conv: list[dict[str, Any]]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.apply_chat_template(conv, tokenize=False)
+        from transformers.utils.chat_template_utils import render_jinja_template  # what apply_chat_template calls
+
+        given = [{k: v for k, v in m.items() if v is not None} for m in conv]
+        return render_jinja_template(conversations=[given], chat_template=self.template, **self.special)[0][0]
+
+    def _adds_up(self) -> bool:
+        """A check on a mixed probe: the pieces' counts add up to the whole text's."""
+        probe = [{"role": "system", "content": "中文 "}, {"role": "user", "content": " 你好，世界！\n\n"},
+                 {"role": "assistant", "content": "Hello  \n```x```\t"}]
+        pieces = self._turns(probe)
+        return sum(self._encode(pieces)) == self._encode(["".join(pieces)])[0]
+
+
+_MADE: weakref.WeakValueDictionary[str, Lengths] = weakref.WeakValueDictionary()  # a forked worker inherits it
+
+
+def _lengths(key: str, state: bytes) -> Lengths:
+    """A pickled :class:`Lengths`: the object itself in a process forked from its maker's, else rebuilt."""
+    made = _MADE.get(key)
+    if made is None:
+        made = Lengths.__new__(Lengths)
+        made.__dict__.update(pickle.loads(state))
+    return made
+
+
+def _splits_at(backend: Any) -> bool:
+    """Whether the tokenizer splits at ``<|im_start|>`` and ``<|im_end|>`` without eating the text around them."""
+    added = {t.content: t for t in backend.get_added_tokens_decoder().values()}
+    return all(t in added and not (added[t].lstrip or added[t].rstrip or added[t].single_word)
+               for t in ("<|im_start|>", "<|im_end|>"))
+
+
 def count_tokens(batch: dict[str, list], *, tokenizer: Any, system: str | None, kind: str, edges: list[int],
                  truncate: bool) -> dict[str, list]:
-    """Batched token lengths through the chat template (pref: the longer of prompt+chosen and prompt+rejected),
-    the bucket, and — with ``truncate`` — rows over the largest edge cut by whole turns (see :func:`_fit`)."""
-    def lengths(convs: list[list[dict[str, str]]]) -> list[int]:
-        texts = tokenizer.apply_chat_template([with_system(c, system) for c in convs], tokenize=False)
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
+    """Batched token lengths through the chat template (pref: the longer of prompt+chosen and prompt+rejected, both
+    in one tokenizer call), the bucket, and — with ``truncate`` — rows over the largest edge cut by whole turns (see
+    :func:`_fit`; only then are the conversations returned, so a map rewrites them only when it may change them).
+    ``tokenizer``: a transformers tokenizer, or the :class:`Lengths` made of one and ``system`` (quick to pickle)."""
+    lengths = tokenizer if isinstance(tokenizer, Lengths) else Lengths(tokenizer, system)
     if kind == "sft":
         n = lengths(batch["messages"])
     else:
-        n = [max(a, b) for a, b in zip(lengths([p + c for p, c in zip(batch["prompt"], batch["chosen"], strict=True)]),
-                                       lengths([p + r for p, r in zip(batch["prompt"], batch["rejected"],
-                                                                      strict=True)]), strict=True)]
-    out = {k: list(batch[k]) for k in (("messages",) if kind == "sft" else ("prompt",))}
-    out["n_tokens"], out["bucket"], out["truncated"] = n, [bucket_of(x, edges) for x in n], [False] * len(n)
+        prompts = batch["prompt"]
+        both = lengths([p + c for p, c in zip(prompts, batch["chosen"], strict=True)]
+                       + [p + r for p, r in zip(prompts, batch["rejected"], strict=True)])
+        n = [max(a, b) for a, b in zip(both[:len(prompts)], both[len(prompts):], strict=True)]
+    out: dict[str, list] = {"n_tokens": n, "bucket": [bucket_of(x, edges) for x in n], "truncated": [False] * len(n)}
     if truncate:
+        out.update({k: list(batch[k]) for k in (("messages",) if kind == "sft" else ("prompt",))})
         for i, x in enumerate(n):
             if x > edges[-1]:
                 _fit(out, i, batch, lengths, kind, edges)

@@ -10,10 +10,12 @@ The parts, for one micro-step of ``tokens`` tokens (micro-batch × sequence leng
   blocks and their norms (8·h), q / k / v and the attention output, the MLP's gate and up projections (2·ffn; 4·ffn
   without Liger's fused SwiGLU, which recomputes the product), and the dropped-out copy of each LoRA target's input
   (LoRA dropout). Without activation checkpointing every layer keeps them, plus one layer's gradients in flight;
-  with it, each layer keeps its input (h) and one layer is recomputed with its gradients (2 layers' worth).
+  with it, each layer keeps its input (h) and one layer is recomputed with its gradients (2 layers' worth); with
+  ``checkpoint_layers`` k of L, the k checkpointed layers keep their inputs and the other L − k keep everything.
 - **logits**: a loss that materialises the logits of the whole vocabulary costs 10 bytes a token and vocabulary entry
-  (bf16 logits, their fp32 upcast, the fp32 gradient); TRL's own SFT / DPO losses and Liger's fused cross-entropy do
-  not (a chunk at a time, counted as nothing here).
+  (bf16 logits, their fp32 upcast, the fp32 gradient); our chunked ORPO loss pays that for one chunk of tokens
+  (``logit_chunk``); TRL's own SFT / DPO losses and Liger's fused cross-entropy work on smaller pieces still
+  (counted as nothing here).
 
 Fitted to nothing: the per-element counts come from the modules' shapes. Checked against every configuration measured
 in ``../shared/ANCHORS.md`` (H200, Qwen2.5-7B shape) in tests/test_planner.py, all within ±10 % of the measured peak
@@ -96,12 +98,19 @@ class Step:
     precision: str = "bf16"
     qlora: bool = False
     checkpointing: bool = True
+    checkpoint_layers: int | None = None  # with checkpointing: how many decoder layers recompute (None: all)
     liger: bool = False
-    full_logits: bool = False            # the loss materialises the whole vocabulary's logits (ORPO's concatenated pass)
+    full_logits: bool = False            # the loss materialises the whole vocabulary's logits (a plain loop's loss)
+    logit_chunk: int = 0                 # or projects this many tokens onto the vocabulary at a time (chunked ORPO)
 
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len * self.sequences
+
+    def checkpointed(self, layers: int) -> int:
+        if not self.checkpointing:
+            return 0
+        return layers if self.checkpoint_layers is None else min(self.checkpoint_layers, layers)
 
 
 @dataclass
@@ -142,15 +151,19 @@ def training(shape: Shape, step: Step) -> Memory:
     """The peak of one training micro-step."""
     act = layer_activation_bytes(shape, step)
     width = PRECISION_BYTES[step.precision if not step.qlora else "bf16"]
-    per_token = (shape.layers * shape.hidden * width + 2 * act) if step.checkpointing else (shape.layers + 1) * act
-    if step.full_logits:
-        per_token += shape.vocab * LOGIT_BYTES
+    k = step.checkpointed(shape.layers)
+    per_token = k * shape.hidden * width + (shape.layers - k) * act + (2 if k else 1) * act
     parts = {"weights": weight_bytes(shape, step.precision, step.qlora) / GiB,
              "adapter": shape.lora_params(step.lora_r, list(step.lora_targets)) * ADAPTER_BYTES / GiB,
-             "activations": step.tokens * (per_token - (shape.vocab * LOGIT_BYTES if step.full_logits else 0)) / GiB}
+             "activations": step.tokens * per_token / GiB}
+    fixed = parts["weights"] + parts["adapter"]
     if step.full_logits:
+        per_token += shape.vocab * LOGIT_BYTES
         parts["logits"] = step.tokens * shape.vocab * LOGIT_BYTES / GiB
-    return Memory(parts, per_token / GiB, parts["weights"] + parts["adapter"])
+    elif step.logit_chunk:
+        parts["logits"] = min(step.logit_chunk, step.tokens) * shape.vocab * LOGIT_BYTES / GiB
+        fixed += parts["logits"]
+    return Memory(parts, per_token / GiB, fixed)
 
 
 def inference(shape: Shape, precision: str, tokens: int) -> Memory:

@@ -11,7 +11,7 @@ merged models with their MLflow copies.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ ANCHOR_PEAK = 989.0     # the H200 the anchors ran on
 # Model FLOPs utilisation measured on the H200 with the Qwen2.5-7B shape at 2 × 2048 (ANCHORS.md, 2026-11-28).
 ANCHOR_MFU = {("ckpt", "liger"): 0.257, ("ckpt", "plain"): 0.229, ("full", "liger"): 0.367, ("full", "plain"): 0.315,
               ("ckpt", "qlora"): 0.217}
+TUNING_MARGIN = 0.08       # a suggested checkpoint_layers leaves this share of the card free (the planner's worst
+                            # error against ANCHORS.md is 8 %)
 DPO_PER_SFT = 6135 / 7369   # TRL DPOTrainer (micro-batch 1, 1024 + 1024) over TRL SFTTrainer defaults, same H200
 EVAL_MFU = 0.30             # forward-only scoring, assumed (lm-eval batches its requests)
 ASSUMED_TOKENS = 50e6       # before prepare has run and without max_steps: what the time line assumes
@@ -50,21 +52,54 @@ def usable_gib(hw: HardwareProfile) -> float:
     return hw.memory_gib - (CUDA_CONTEXT_GIB if hw.device == "cuda" else 0.0)
 
 
-def step_of(hw: HardwareProfile, *, sequences: int = 1, lora: Any = None, full_logits: bool = False) -> Step:
-    """The micro-step a profile runs (a preference pair: ``sequences=2``)."""
+def step_of(hw: HardwareProfile, s: Shape, *, sequences: int = 1, lora: Any = None, logit_chunk: int = 0) -> Step:
+    """The micro-step a profile runs on a model of shape ``s`` (a preference pair: ``sequences=2``), with
+    ``checkpoint_layers: auto`` settled: the fewest recomputing layers that fit (all of them when none fit)."""
     kw = {"lora_r": lora.r, "lora_targets": tuple(lora.target_modules), "lora_dropout": lora.dropout > 0} if lora else {}
-    return Step(hw.micro_batch, hw.max_length, sequences, precision=hw.precision, qlora=hw.qlora,
-                checkpointing=hw.activation_checkpointing, liger=hw.liger, full_logits=full_logits, **kw)
+    auto = hw.checkpoint_layers == "auto"
+    step = Step(hw.micro_batch, hw.max_length, sequences, precision=hw.precision, qlora=hw.qlora,
+                checkpointing=hw.activation_checkpointing, checkpoint_layers=None if auto else hw.checkpoint_layers,
+                liger=hw.liger, logit_chunk=logit_chunk, **kw)
+    if not auto:
+        return step
+    k = fewest_checkpointed(s, step, hw)
+    return step if k is None else replace(step, checkpointing=k > 0, checkpoint_layers=k or None)
+
+
+def checkpoint_layers(hw: HardwareProfile, model: ModelDef, *, pair: bool, logit_chunk: int = 0) -> int | None:
+    """How many decoder layers the trainer lets recompute: the profile's count, or ``auto`` settled for the stage's
+    step (None: every layer, or checkpointing off)."""
+    if hw.checkpoint_layers != "auto":
+        return hw.checkpoint_layers
+    s = shape(model)
+    step = step_of(hw, s, sequences=2 if pair else 1, logit_chunk=logit_chunk)
+    return step.checkpointed(s.layers) if step.checkpointed(s.layers) < s.layers else None
 
 
 def tokens_per_second(hw: HardwareProfile, model: ModelDef, step: Step, *, preference: bool = False) -> float | None:
     """Scaled from the H200 anchors: the same MFU on this card's peak, at this model's FLOPs per token."""
     if not hw.peak_tflops:
         return None
-    mfu = ANCHOR_MFU[("ckpt" if step.checkpointing else "full", "qlora" if step.qlora else
-                      "liger" if step.liger else "plain")]
-    tps = mfu * hw.peak_tflops * 1e12 / shape(model).flops_per_token(step.seq_len)
+    s = shape(model)
+    tps = mfu(step, s.layers) * hw.peak_tflops * 1e12 / s.flops_per_token(step.seq_len)
     return tps * DPO_PER_SFT if preference else tps
+
+
+def mfu(step: Step, layers: int) -> float:
+    """The anchors' MFU for the step's kernels, between the checkpointed and the plain figure by the share of layers
+    that recompute (QLoRA was measured checkpointed only: its plain figure scales by Liger's ratio)."""
+    kind = "qlora" if step.qlora else "liger" if step.liger else "plain"
+    ckpt = ANCHOR_MFU[("ckpt", kind)]
+    full = ANCHOR_MFU.get(("full", kind), ckpt * ANCHOR_MFU[("full", "liger")] / ANCHOR_MFU[("ckpt", "liger")])
+    return full + (ckpt - full) * step.checkpointed(layers) / layers
+
+
+def fewest_checkpointed(s: Shape, step: Step, hw: HardwareProfile) -> int | None:
+    """The fewest decoder layers that must recompute for the step to fit the card with :data:`TUNING_MARGIN` to
+    spare (0: none need to; None: not even all of them)."""
+    room = usable_gib(hw) * (1 - TUNING_MARGIN)
+    return next((k for k in range(s.layers + 1) if M.training(s, replace(
+        step, checkpointing=k > 0, checkpoint_layers=k or None)).reserved <= room), None)
 
 
 def _gib(x: float) -> str:
@@ -117,13 +152,21 @@ def pool_tokens(data_path: Path | None, kind: str) -> int | None:
 
 def training(hw: HardwareProfile, model: ModelDef, *, kind: str, lora: Any = None, lora_source: Any = None,
              epochs: float, max_steps: int | None, data_path: Path | None, save_total_limit: int,
-             full_logits: bool = False) -> Estimate:
+             logit_chunk: int = 0) -> Estimate:
     """sft (``kind="sft"``) or align (``kind="pref"``): memory, time and disk."""
     s = shape(model)
     pair = kind == "pref"
-    step = step_of(hw, sequences=2 if pair else 1, lora=lora or lora_source, full_logits=full_logits)
+    step = step_of(hw, s, sequences=2 if pair else 1, lora=lora or lora_source, logit_chunk=logit_chunk)
     mem = M.training(s, step)
     mem_text, fits = memory_line(mem, hw, step)
+    if hw.checkpoint_layers == "auto":
+        mem_text += f"; checkpoint_layers auto: {step.checkpointed(s.layers)} of {s.layers} layers recompute"
+    elif fits and hw.device == "cuda" and (k := fewest_checkpointed(s, step, hw)) is not None \
+            and k < step.checkpointed(s.layers):
+        faster = mfu(replace(step, checkpointing=k > 0, checkpoint_layers=k or None), s.layers) / mfu(step, s.layers)
+        setting = f"hw.checkpoint_layers={k}" if k else "hw.activation_checkpointing=false"
+        mem_text += (f"; {setting} also fits with {TUNING_MARGIN:.0%} to spare ({k} of {s.layers} layers recompute, "
+                     f"~{faster - 1:.0%} faster)")
     est = Estimate([("memory", mem_text)], fits, mem.peak)
     est.lines.append(("time", _time_line(est, hw, model, step, kind, epochs, max_steps, data_path)))
     lora_bytes = s.lora_params(step.lora_r, list(step.lora_targets)) * 4

@@ -161,6 +161,7 @@ def total(plans: list[Plan]) -> str:
     timed = [e.seconds for _, e in estimates if e.seconds is not None]
     hours = f"~{sum(timed) / 3600:.1f} h of estimated compute" if timed else "time not estimated"
     fits = (f"every stage fits {hw.memory_gib:g} GiB: PASS" if not failing else
-            f"FAIL: {', '.join(failing)} do not fit {hw.memory_gib:g} GiB (see their memory lines)")
+            f"FAIL: {', '.join(failing)} {'does' if len(failing) == 1 else 'do'} not fit {hw.memory_gib:g} GiB "
+            f"(see their memory lines)")
     disk = sum(e.disk_gib for _, e in estimates)
     return f"── total ── (HW={hw.name}) {fits}; {hours}; ~{disk:.1f} GiB of disk"

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -209,10 +210,10 @@ def log_file_input(path: Path, *, name: str, digest: str, context: str, tags: Ma
 
 
 def has_run() -> bool:
-    """Whether a run is open here (MLflow's fluent calls would otherwise start one silently)."""
-    import mlflow
-
-    return mlflow.active_run() is not None
+    """Whether a run is open here (MLflow's fluent calls would otherwise start one silently). Never imported, MLflow
+    has no run open: a process without it (``make bench`` on a GPU box) trains all the same."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow is not None and mlflow.active_run() is not None
 
 
 @rank0

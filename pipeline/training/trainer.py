@@ -19,9 +19,11 @@ from pipeline.core.profiles import HardwareProfile
 from pipeline.core.resolved import Resolved
 from pipeline.core.runtime import world_size
 from pipeline.data.prepared import Pool
+from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path
 from pipeline.tracking import model_registry, runs
 from pipeline.training.config import TrainConfig
+from pipeline.training.preference import logit_chunk
 from pipeline.training.probes import generations
 
 log = logging.getLogger(__name__)
@@ -140,10 +142,32 @@ def build_trainer(trainer_cls: type, config_cls: type, r: Resolved, model: Any, 
     args = trainer_args(config_cls, hw, cfg.train, out, has_eval=held is not None, steps=steps,
                         log_backend=cfg.log_backend, **extra)
     callbacks = [metrics_callback(cfg.train.epochs)]
+    layers = planner.checkpoint_layers(hw, r.model, pair=r.stage == "align", logit_chunk=logit_chunk(
+        getattr(cfg, "loss", ""))) if hw.activation_checkpointing else None
+    if layers is not None:
+        log.info("activation checkpointing on the first %d decoder layers (hw.checkpoint_layers %s)", layers,
+                 hw.checkpoint_layers)
+        callbacks.append(partial_checkpointing(layers))
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     return in_order(trainer_cls)(model=model, args=args, train_dataset=data, eval_dataset=held,
                                  processing_class=tokenizer, callbacks=callbacks)
+
+
+def partial_checkpointing(layers: int):
+    """``hw.checkpoint_layers``: once the Trainer has turned checkpointing on for every decoder layer, the layers
+    after the first ``layers`` keep their activations instead (faster, more memory). Decoder layers are the modules
+    transformers checkpoints (``GradientCheckpointingLayer``), in model order."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class PartialCheckpointing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for i, block in enumerate(blocks):
+                block.gradient_checkpointing = block.gradient_checkpointing and i < layers
+
+    return PartialCheckpointing()
 
 
 def in_order(trainer_cls: type) -> type:

@@ -1,0 +1,434 @@
+"""bench: ``make bench HW=… STAGE=sft|orpo|dpo`` — the training path's speed and memory on the profile, beside TRL's
+own trainer with its defaults, in one process, on the same model shape and the same batches.
+
+``python -m pipeline.bench --hw NAME --stage sft|dpo|orpo [--steps N] [--warmup N] [--data DIR] [--mem-cap-gib G]
+[--variants profile,trl-defaults] [--out DIR] [--set key=value]... [--log-mlflow]``
+
+The model is the definition's architecture (its shipped ``config.json``) with random weights, built on the device —
+nothing downloaded (a QLoRA profile writes the random weights to a temporary folder once and loads them 4-bit through
+the stage's own loading code). The tokenizer is a word-level one over the model's whole vocabulary, so synthetic rows
+of random words are exactly as many tokens as asked. The ``profile`` variant is the stage's real trainer
+(``sft.build_trainer`` / ``align.build_trainer``: its datasets, chat template, collator, arguments from the profile —
+checkpointing, Liger, QLoRA, precision, our callbacks); the baseline is TRL's ``SFTTrainer`` (or ``DPOTrainer``, also for
+ORPO) with its defaults and a LoRA of the same rank. Row lengths follow the prepared pool in ``--data`` (its rows'
+``n_tokens``), else every row is the profile's ``max_length``. Each optimizer step is one micro-batch
+(``grad_accum=1``).
+
+Per variant, written as a JSON line as soon as it ends (a run cut short still reports): tokens/s (the median over the
+steps after the warm-up, non-padding tokens), step-time spread, MFU (ANCHORS.md's convention, 4·N + 12·L·h·T FLOPs a
+token, on the card's peak from :mod:`pipeline.hardware.gpus`), peak allocated / reserved GiB on CUDA (peak RSS on the
+CPU), and the planner's predicted peak for the profile. The summary's headline is the ratio of the profile's tokens/s
+to the baseline's. ``--mem-cap-gib 24`` emulates a 24 GiB card on a bigger one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.errors import ConfigError, StageError
+from pipeline.core.paths import repo_path, shown
+from pipeline.core.resolved import Resolved
+from pipeline.core.strict import parse_overrides
+from pipeline.data.prepared import Pool
+from pipeline.hardware import gpus, planner
+from pipeline.hardware.memory import GiB, Shape, training
+from pipeline.models.loading import LoraConfig, check_device, load_kwargs, with_lora
+from pipeline.stage import cli
+from pipeline.stage.resolve import resolve
+from pipeline.tracking import runs
+from pipeline.training.preference import logit_chunk
+
+STAGES = {"sft": ("sft", None), "dpo": ("align", "dpo"), "orpo": ("align", "orpo")}
+VARIANTS = ("profile", "trl-defaults", "trl-qlora-recipe", "trl-dpo-defaults")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["system", "user", "assistant"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.split("\n\n")[0])
+    cli.add_common(parser)
+    parser.add_argument("--stage", choices=sorted(STAGES), default="sft")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps (default: 6 on CUDA, 3 on the CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out (default: 2 on CUDA, 1 on the CPU)")
+    parser.add_argument("--data", default="", help="a prepared folder whose rows' lengths the batches follow")
+    parser.add_argument("--mem-cap-gib", type=float, default=None, help="emulate a card with this much memory")
+    parser.add_argument("--variants", default="", help="comma-separated, in order (default: profile,<baseline>)")
+    parser.add_argument("--out", default="outputs/bench", help="where bench.jsonl and summary.json go")
+    parser.add_argument("--log-mlflow", action="store_true", help="log the results as a `bench` run")
+    parser.add_argument("--log-results", default="", metavar="DIR",
+                        help="measure nothing: log every summary.json under DIR (e.g. make bench-gpu's OUT, copied "
+                             "from a GPU machine without MLflow) as `bench` runs")
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+    if args.log_results:
+        return cli.guarded(lambda: print(log_results(repo_path(args.log_results))))
+    return cli.guarded(lambda: print(table(bench(args))))
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="zh-align-bench-"))
+    try:
+        return measure_all(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)   # a QLoRA profile's random base is the model's size on disk
+
+
+def measure_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import torch
+
+    stage, variant = STAGES[args.stage]
+    cuda = torch.cuda.is_available()
+    steps, warmup = args.steps or (6 if cuda else 3), args.warmup if args.warmup is not None else (2 if cuda else 1)
+    out = repo_path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fixed = [("train.max_steps", warmup + steps), ("train.logging_steps", 1), ("train.save_steps", 10 ** 6),
+             ("train.eval_steps", 10 ** 6), ("hw.grad_accum", 1), ("output_dir", str(work / "out"))]
+    r = resolve(stage, hw=args.hw, overrides=[*parse_overrides(args.set, args.overrides), *fixed], variant=variant)
+    check_device(r.hw)
+    if args.mem_cap_gib and cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_cap_gib * GiB /
+                                                       torch.cuda.get_device_properties(0).total_memory))
+    tokenizer = word_tokenizer(r, work)
+    rows = synthetic_rows(r, args.stage, (warmup + steps) * r.hw.micro_batch, repo_path(args.data) if args.data else None)
+    names = [v for v in args.variants.split(",") if v] or ["profile", baseline_of(args.stage, r)]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise ConfigError([f"unknown --variants {', '.join(unknown)}; variants: {', '.join(VARIANTS)}"])
+    results = []
+    with open(out / "bench.jsonl", "w", encoding="utf-8") as lines:
+        for name in names:
+            result = measure(name, r, args.stage, rows, tokenizer, work, warmup, cuda)
+            results.append(result)
+            lines.write(json.dumps(result, ensure_ascii=False) + "\n")
+            lines.flush()
+    summary = summarise(results, r, args, cuda)
+    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if args.log_mlflow:
+        log_run(summary, out)
+    return summary
+
+
+def baseline_of(stage: str, r: Resolved) -> str:
+    """What a user gets without us: TRL's SFTTrainer defaults (on a QLoRA profile: the common QLoRA recipe, PEFT's
+    ``prepare_model_for_kbit_training`` with its fp32 upcast), or TRL's DPOTrainer defaults (for ORPO too: the
+    speed ORPO is held to)."""
+    if stage != "sft":
+        return "trl-dpo-defaults"
+    return "trl-qlora-recipe" if r.hw.qlora else "trl-defaults"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The synthetic inputs
+# ------------------------------------------------------------------------------------------------------------------
+def word_tokenizer(r: Resolved, work: Path) -> Any:
+    """A word-level tokenizer over the model's vocabulary (``w<id>``), the family's chat template and special tokens:
+    a row of n random words is n tokens, for any architecture, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.models.tiny import chat_template
+
+    vocab_size = r.model.architecture_config()["vocab_size"]
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS, "<unk>"])}
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", chat_template=chat_template(r.model.chat_template))
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
+    return fast
+
+
+def lengths(r: Resolved, kind: str, n: int, data: Path | None) -> list[int]:
+    """``n`` row lengths: drawn (seeded) from the prepared pool's rows, else all the profile's max_length."""
+    limit = r.hw.max_length
+    if data is None:
+        return [limit] * n
+    file = data / ("sft.jsonl" if kind == "sft" else "pref.jsonl")
+    pool = [min(json.loads(line)["n_tokens"], limit) for line in file.read_text(encoding="utf-8").splitlines() if line]
+    rng = random.Random(0)
+    return [rng.choice(pool) for _ in range(n)]
+
+
+def synthetic_rows(r: Resolved, stage: str, n: int, data: Path | None) -> list[dict[str, Any]]:
+    """Rows in the prepared pool's layout whose templated length is about each drawn length (a pair: per answer)."""
+    rng = random.Random(0)
+    vocab = r.model.architecture_config()["vocab_size"]
+    first = len(SPECIALS) + len(WORDS) + 1
+
+    def words(k: int) -> str:
+        return " ".join(f"w{rng.randrange(first, vocab)}" for _ in range(max(1, k)))
+
+    rows = []
+    for length in lengths(r, "sft" if stage == "sft" else "pref", n, data):
+        body = max(2, length - 16)                           # the template's markers and the system prompt
+        user, answer = words(body * 2 // 5), words(body - body * 2 // 5)
+        common = {"lang": "en", "source": "bench", "bucket": 0, "n_tokens": length}
+        if stage == "sft":
+            rows.append({**common, "messages": [{"role": "user", "content": user},
+                                                {"role": "assistant", "content": answer}]})
+        else:
+            rows.append({**common, "prompt": [{"role": "user", "content": user}],
+                         "chosen": [{"role": "assistant", "content": answer}],
+                         "rejected": [{"role": "assistant", "content": words(body - body * 2 // 5)}]})
+    return rows
+
+
+def random_model(r: Resolved, work: Path, cuda: bool) -> Any:
+    """The architecture with seeded random weights, on the device; a QLoRA profile loads them 4-bit the stage's way."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = r.model.architecture_config()
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    torch.manual_seed(0)
+    if r.hw.qlora:
+        folder = work / "random-base"
+        if not folder.is_dir():
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", **load_kwargs(r.hw, r.cfg.qlora))
+    kwargs = load_kwargs(r.hw, r.cfg.qlora)
+    with torch.device("cuda" if cuda else "cpu"):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One variant
+# ------------------------------------------------------------------------------------------------------------------
+def measure(name: str, r: Resolved, stage: str, rows: list[dict[str, Any]], tokenizer: Any, work: Path, warmup: int,
+            cuda: bool) -> dict[str, Any]:
+    """Build the variant's trainer on a fresh random model, train, time each step; an OOM or error is reported."""
+    import gc
+
+    import torch
+
+    result: dict[str, Any] = {"variant": name, "stage": stage, "hw": r.hw.name, "model": r.model.name,
+                              "device": torch.cuda.get_device_name() if cuda else "cpu",
+                              "micro_batch": r.hw.micro_batch, "max_length": r.hw.max_length,
+                              "date": time.strftime("%Y-%m-%d"), **settings(name, r)}
+    try:
+        trainer = build(name, r, stage, rows, tokenizer, work, cuda)
+        timer = step_timer(cuda)
+        trainer.add_callback(timer)
+        trainer.train()
+        measured = timer.report(warmup)
+        result.update(status="ok", **measured, **mfu(r, rows, measured["tokens_per_s"], cuda))
+    except torch.cuda.OutOfMemoryError:
+        result.update(status="oom")
+    except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+        result.update(status=f"error: {type(err).__name__}: {str(err)[:300]}")
+    finally:
+        trainer = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    if name == "profile":
+        result["predicted_peak_gib"] = round(predicted(r, stage).peak, 2)
+    return result
+
+
+def settings(name: str, r: Resolved) -> dict[str, Any]:
+    hw = r.hw
+    if name == "profile":
+        layers = planner.checkpoint_layers(hw, r.model, pair=r.stage == "align", logit_chunk=logit_chunk(
+            getattr(r.cfg, "loss", ""))) if hw.activation_checkpointing else 0
+        return {"checkpointing": hw.activation_checkpointing, "checkpoint_layers": layers, "liger": hw.liger,
+                "qlora": hw.qlora, "precision": hw.precision}
+    return {"checkpointing": True, "checkpoint_layers": None, "liger": False, "qlora": hw.qlora,  # TRL's defaults
+            "precision": hw.precision, "fp32_upcast": name == "trl-qlora-recipe"}
+
+
+def predicted(r: Resolved, stage: str) -> Any:
+    s = Shape.of(r.model.architecture_config())
+    step = planner.step_of(r.hw, s, sequences=1 if stage == "sft" else 2, lora=getattr(r.cfg, "lora", LoraConfig()),
+                           logit_chunk=logit_chunk(stage))
+    return training(s, step)
+
+
+def build(name: str, r: Resolved, stage: str, rows: list[dict[str, Any]], tokenizer: Any, work: Path,
+          cuda: bool) -> Any:
+    base = random_model(r, work, cuda)
+    lora = getattr(r.cfg, "lora", LoraConfig())
+    pool = Pool(work, None, {}, rows, [], 0, "sft" if stage == "sft" else "pref")
+    order = list(range(len(rows)))
+    if name == "profile":
+        from pipeline import align, sft
+
+        loaded = (with_lora(base, r.hw, lora), tokenizer)
+        if stage == "sft":
+            return sft.build_trainer(r, pool, order, work / name, loaded=loaded)[0]
+        return align.build_trainer(r, pool, order, work / name, None, loaded=loaded)[0]
+    return baseline(name, r, base, rows, tokenizer, work / name, lora)
+
+
+def baseline(name: str, r: Resolved, base: Any, rows: list[dict[str, Any]], tokenizer: Any, out: Path,
+             lora: LoraConfig) -> Any:
+    """TRL's trainer as its own docs set it up: defaults, a LoRA of the same rank, the same rows and batch size."""
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLora
+
+    peft = PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    common = dict(output_dir=str(out), per_device_train_batch_size=r.hw.micro_batch, gradient_accumulation_steps=1,
+                  max_length=r.hw.max_length, max_steps=r.cfg.train.max_steps, logging_steps=1, report_to="none",
+                  save_strategy="no", bf16=r.hw.precision == "bf16", fp16=r.hw.precision == "fp16",
+                  use_cpu=r.hw.device == "cpu", include_num_input_tokens_seen="non_padding", seed=r.cfg.train.seed)
+    if name == "trl-qlora-recipe":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base)   # the non-quantised weights upcast to fp32, checkpointing on
+    if name in ("trl-defaults", "trl-qlora-recipe"):
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"messages": row["messages"]} for row in rows])
+        return SFTTrainer(model=base, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
+                          peft_config=peft)
+    from trl import DPOConfig, DPOTrainer
+
+    data = Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+    return DPOTrainer(model=base, args=DPOConfig(**common), train_dataset=data, processing_class=tokenizer,
+                      peft_config=peft)
+
+
+def step_timer(cuda: bool) -> Any:
+    """A callback taking the wall time and non-padding tokens of every optimizer step, device-synchronised, and the
+    peak memory of the steps (CUDA: the allocator's peak since training began; CPU: the RSS sampled every 50 ms)."""
+    import psutil
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[tuple[float, int]] = []
+            self.rss, self.sampling, self.peaks = 0, False, [0, 0]
+
+        def on_train_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                self.sampling = True
+                threading.Thread(target=self.sample, daemon=True).start()
+            self.clock, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+                now_peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+                self.peaks = [max(a, b) for a, b in zip(self.peaks, now_peaks, strict=True)]
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            self.steps.append((now - self.clock, tokens - self.tokens))
+            self.clock, self.tokens = now, tokens
+
+        def on_train_end(self, args, state, control, **kw):
+            self.sampling = False
+
+        def sample(self) -> None:
+            proc = psutil.Process(os.getpid())
+            while self.sampling:
+                self.rss = max(self.rss, proc.memory_info().rss)
+                time.sleep(0.05)
+
+        def report(self, warmup: int) -> dict[str, Any]:
+            measured = self.steps[warmup:] or self.steps
+            seconds = [s for s, _ in measured]
+            median = statistics.median(seconds)
+            out = {"steps_measured": len(measured), "step_s_median": round(median, 4),
+                   "step_s_spread": round((max(seconds) - min(seconds)) / median, 3),
+                   "tokens_per_step": round(statistics.median(t for _, t in measured)),
+                   "tokens_per_s": round(statistics.median(t / s for s, t in measured), 1)}
+            if cuda:
+                out["peak_allocated_gib"], out["peak_reserved_gib"] = (round(x / GiB, 2) for x in self.peaks)
+            else:
+                out["peak_rss_gib"] = round(self.rss / GiB, 3)
+            return out
+
+    return StepTimer()
+
+
+def mfu(r: Resolved, rows: list[dict[str, Any]], tokens_per_s: float, cuda: bool) -> dict[str, Any]:
+    """Model FLOPs utilisation on the card's peak (None on the CPU, or on a card the table does not know)."""
+    import torch
+
+    card = gpus.find(torch.cuda.get_device_name()) if cuda else None
+    peak = card.bf16_tflops if card else (r.hw.peak_tflops if cuda else None)
+    per_token = Shape.of(r.model.architecture_config()).flops_per_token(int(statistics.mean(x["n_tokens"] for x in rows)))
+    return {"peak_tflops": peak, "mfu": round(tokens_per_s * per_token / (peak * 1e12), 4) if peak else None}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Summary
+# ------------------------------------------------------------------------------------------------------------------
+def summarise(results: list[dict[str, Any]], r: Resolved, args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
+    by = {x["variant"]: x for x in results}
+    ours, base = by.get("profile", {}), by.get(baseline_of(args.stage, r), {})
+    ratio = (round(ours["tokens_per_s"] / base["tokens_per_s"], 3)
+             if ours.get("status") == "ok" and base.get("status") == "ok" else None)
+    return {"stage": args.stage, "hw": r.hw.name, "model": r.model.name, "mem_cap_gib": args.mem_cap_gib,
+            "data": shown(repo_path(args.data)) if args.data else None, "ratio_to_baseline": ratio,
+            "command": "python -m pipeline.bench " + " ".join(sys.argv[1:]), "results": results}
+
+
+def table(summary: dict[str, Any]) -> str:
+    head = f"bench {summary['stage']} · HW={summary['hw']} · {summary['model']}"
+    rows = [f"{'variant':<18}{'status':<8}{'tok/s':>10}{'MFU':>8}{'step s':>9}{'spread':>8}{'peak GiB':>10}"
+            f"{'reserved':>10}{'predicted':>10}"]
+    for x in summary["results"]:
+        peak = x.get("peak_allocated_gib", x.get("peak_rss_gib"))
+        rows.append(f"{x['variant']:<18}{x['status'][:7]:<8}{x.get('tokens_per_s', '-'):>10}"
+                    f"{_pct(x.get('mfu')):>8}{x.get('step_s_median', '-'):>9}{x.get('step_s_spread', '-'):>8}"
+                    f"{peak if peak is not None else '-':>10}{x.get('peak_reserved_gib', '-'):>10}"
+                    f"{x.get('predicted_peak_gib', '-'):>10}")
+    ratio = summary["ratio_to_baseline"]
+    rows.append(f"ratio profile / baseline: {ratio:.2f}×" if ratio else "ratio profile / baseline: n/a")
+    rows += [f"{x['variant']}: {x['status']}" for x in summary["results"] if x["status"] not in ("ok", "oom")]
+    return "\n".join([head, *rows])
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if x is not None else "-"
+
+
+def log_run(summary: dict[str, Any], out: Path) -> str:
+    """The results as a FINISHED `bench` run: each variant's numbers as metrics ``<variant>/<field>``, its settings and
+    the device as params, the JSON files as artifacts; returns the run id."""
+    results = summary["results"]
+    config = {"bench": {k: v for k, v in summary.items() if k != "results"},
+              "variants": {x["variant"]: {k: v for k, v in x.items() if not _number(v)} for x in results}}
+    with runs.start_run("bench", config, hw=summary["hw"], model=summary["model"],
+                        run_name=f"bench-{summary['stage']}-{summary['hw']}") as run:
+        for x in results:
+            runs.log_metrics({f"{x['variant']}/{k}": float(v) for k, v in x.items() if _number(v)})
+        if summary.get("ratio_to_baseline") is not None:
+            runs.log_metrics({"ratio_to_baseline": summary["ratio_to_baseline"]})
+        runs.log_artifacts([f for f in (out / "bench.jsonl", out / "summary.json") if f.is_file()], "bench")
+        return run.info.run_id
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def log_results(folder: Path) -> str:
+    """Every ``summary.json`` under ``folder`` as a `bench` run (results measured where MLflow was not installed)."""
+    found = sorted(folder.rglob("summary.json"))
+    if not found:
+        raise StageError(f"no summary.json under {shown(folder)}; give the --out folder of make bench or the OUT of "
+                         f"make bench-gpu")
+    ids = [log_run(json.loads(f.read_text(encoding="utf-8")), f.parent) for f in found]
+    return f"logged {len(ids)} bench run(s) from {shown(folder)}: {', '.join(ids)}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""make bench on the CPU: the stage's real trainer and TRL's defaults on the tiny model, every field reported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import bench
+from pipeline.core.paths import ROOT
+from pipeline.stage.resolve import resolve
+
+FIELDS = ("tokens_per_s", "step_s_median", "step_s_spread", "tokens_per_step", "mfu", "peak_rss_gib", "status")
+
+
+@pytest.mark.parametrize("stage", ["sft", "orpo"])
+def test_bench_reports_both_variants_and_the_ratio(stage, tmp_path, capsys):
+    assert bench.main(["--hw", "cpu", "--stage", stage, "--steps", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    lines = [json.loads(x) for x in (tmp_path / "bench.jsonl").read_text(encoding="utf-8").splitlines()]
+    baseline = "trl-defaults" if stage == "sft" else "trl-dpo-defaults"
+    assert [x["variant"] for x in lines] == ["profile", baseline] == [x["variant"] for x in summary["results"]]
+    for x in lines:
+        assert x["status"] == "ok" and all(k in x for k in FIELDS) and x["steps_measured"] == 2
+        assert x["tokens_per_s"] > 0 and x["tokens_per_step"] >= 4 * 900 * (1 if stage == "sft" else 2)
+    profile = lines[0]
+    assert profile["predicted_peak_gib"] > 0 and profile["checkpointing"] is False  # the cpu profile's settings
+    assert summary["ratio_to_baseline"] == pytest.approx(lines[0]["tokens_per_s"] / lines[1]["tokens_per_s"], rel=1e-2)
+    assert "ratio profile / baseline:" in printed and "tok/s" in printed
+
+
+def test_row_lengths_follow_the_pool_and_stop_at_max_length(tmp_path):
+    r = resolve("sft", hw="cpu")
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"n_tokens": n}) + "\n" for n in (100, 300, 5000)),
+                                        encoding="utf-8")
+    drawn = bench.lengths(r, "sft", 50, tmp_path)
+    assert set(drawn) == {100, 300, r.hw.max_length}
+    assert bench.lengths(r, "sft", 3, None) == [r.hw.max_length] * 3
+
+
+def test_a_synthetic_row_is_as_many_tokens_as_asked(tmp_path):
+    r = resolve("sft", hw="cpu")
+    tok = bench.word_tokenizer(r, tmp_path)
+    (row,) = bench.synthetic_rows(r, "sft", 1, None)
+    ids = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert abs(len(ids) - r.hw.max_length) <= 16 and tok.unk_token_id not in ids[-50:]
+
+
+def test_variants_are_checked_and_a_qlora_profile_is_held_to_the_qlora_recipe(tmp_path, capsys):
+    assert bench.main(["--hw", "cpu", "--variants", "profile,trl-fast", "--out", str(tmp_path)]) == 2
+    assert "unknown --variants trl-fast; variants: profile, trl-defaults" in capsys.readouterr().err
+    assert bench.baseline_of("sft", resolve("sft", hw="4090", overrides=[("hw.qlora", True)])) == "trl-qlora-recipe"
+    assert bench.baseline_of("orpo", resolve("align", hw="4090", variant="orpo")) == "trl-dpo-defaults"
+
+
+def test_the_bench_runs_where_mlflow_is_not_installed(tmp_path):
+    """GPU machines may lack MLflow: the training path must not import it (only --log-mlflow does)."""
+    code = ("import sys; sys.modules['mlflow'] = None\n"
+            "from pipeline import bench\n"
+            f"sys.exit(bench.main(['--hw', 'cpu', '--stage', 'dpo', '--steps', '1', '--out', {str(tmp_path)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(x)["status"] for x in (tmp_path / "bench.jsonl").read_text(encoding="utf-8").splitlines()] \
+        == ["ok", "ok"]
+
+
+def test_bench_gpu_runs_its_cases_and_judges_the_targets(tmp_path, monkeypatch):
+    """tools/bench_gpu.py --cpu-check: two of its cases end to end on the cpu profile; the target rules by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "tools" / "bench_gpu.py")
+    bg = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu", bg)   # dataclasses look their module up
+    spec.loader.exec_module(bg)
+    assert bg.main(["--cpu-check", "--only", "sft-4090,orpo-4090", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench_gpu.json").read_text(encoding="utf-8"))
+    assert [c["case"] for c in results["cases"]] == ["sft-4090", "orpo-4090"]
+    assert all(c["status"] == "exit 0" and c["summary"]["results"][0]["status"] == "ok" for c in results["cases"])
+    assert results["environment"]["versions"]["trl"]
+
+    def report(tps, reserved, allocated, ratio=None, mfu=None):
+        return {"summary": {"ratio_to_baseline": ratio, "results": [
+            {"variant": "profile", "status": "ok", "tokens_per_s": tps, "peak_reserved_gib": reserved,
+             "peak_allocated_gib": allocated, "predicted_peak_gib": 20.0, "mfu": mfu}]}}
+
+    sft, orpo = bg.CASES[0], bg.CASES[3]
+    assert [t["result"] for t in bg.judge(sft, report(9000, 23.5, 20.0, ratio=1.3), {})] == ["met", "met"]
+    assert [t["result"] for t in bg.judge(sft, report(9000, 24.5, 20.0, ratio=1.1), {})] == ["missed", "missed"]
+    dpo = report(5000, 20, 19)
+    assert bg.judge(orpo, report(4000, 22, 21), {"dpo-4090": dpo})[1]["result"] == "missed"
+    assert bg.planner_check(report(1, 1, 25.0)) == {"predicted_gib": 20.0, "measured_gib": 25.0, "error": -0.2,
+                                                    "within": False}
+
+
+def test_results_from_a_machine_without_mlflow_are_logged_as_bench_runs_afterwards(tmp_path, mlflow_store, capsys):
+    import mlflow
+
+    out = tmp_path / "copied" / "sft-4090"
+    assert bench.main(["--hw", "cpu", "--steps", "1", "--warmup", "0", "--variants", "profile", "--out", str(out)]) == 0
+    assert bench.main(["--log-results", str(tmp_path / "copied")]) == 0
+    assert "logged 1 bench run(s)" in capsys.readouterr().out
+    (run,) = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'bench'", output_format="list")
+    assert run.info.status == "FINISHED" and run.data.metrics["profile/tokens_per_s"] > 0
+    assert run.data.params["variants.profile.status"] == "ok"
+    assert bench.main(["--log-results", str(tmp_path / "nothing")]) == 1
+    assert "no summary.json under" in capsys.readouterr().err
