@@ -48,6 +48,7 @@ from pipeline.stage import cli
 from pipeline.stage.resolve import resolve
 from pipeline.tracking import runs
 from pipeline.training.preference import logit_chunk
+from pipeline.training.trainer import recomputed_layers
 
 STAGES = {"sft": ("sft", None), "dpo": ("align", "dpo"), "orpo": ("align", "orpo")}
 VARIANTS = ("profile", "trl-defaults", "trl-qlora-recipe", "trl-dpo-defaults")
@@ -241,8 +242,7 @@ def measure(name: str, r: Resolved, stage: str, rows: list[dict[str, Any]], toke
 def settings(name: str, r: Resolved) -> dict[str, Any]:
     hw = r.hw
     if name == "profile":
-        layers = planner.checkpoint_layers(hw, r.model, pair=r.stage == "align", logit_chunk=logit_chunk(
-            getattr(r.cfg, "loss", ""))) if hw.activation_checkpointing else 0
+        layers = recomputed_layers(r) if hw.activation_checkpointing else 0
         return {"checkpointing": hw.activation_checkpointing, "checkpoint_layers": layers, "liger": hw.liger,
                 "qlora": hw.qlora, "precision": hw.precision}
     return {"checkpointing": True, "checkpoint_layers": None, "liger": False, "qlora": hw.qlora,  # TRL's defaults

@@ -95,7 +95,9 @@ def hardware_fact(r: Resolved) -> str:
     return (f"{h.name} ({h.description}, {h.device} {h.memory_gib:g} GiB{peak}): {h.precision}, "
             f"micro-batch {h.micro_batch} × accum {h.grad_accum} = {h.effective_batch} per step, "
             f"max_length {h.max_length}, {'QLoRA' if h.qlora else 'LoRA'}, "
-            f"checkpointing {on[h.activation_checkpointing]}, Liger {on[h.liger]}")
+            f"checkpointing {on[h.activation_checkpointing]}"
+            f"{f' (checkpoint_layers {h.checkpoint_layers})' if h.activation_checkpointing and h.checkpoint_layers else ''}"
+            f", Liger {on[h.liger]}")
 
 
 def log_backend_fact(backend: str) -> tuple[str, str]:

@@ -142,8 +142,7 @@ def build_trainer(trainer_cls: type, config_cls: type, r: Resolved, model: Any, 
     args = trainer_args(config_cls, hw, cfg.train, out, has_eval=held is not None, steps=steps,
                         log_backend=cfg.log_backend, **extra)
     callbacks = [metrics_callback(cfg.train.epochs)]
-    layers = planner.checkpoint_layers(hw, r.model, pair=r.stage == "align", logit_chunk=logit_chunk(
-        getattr(cfg, "loss", ""))) if hw.activation_checkpointing else None
+    layers = recomputed_layers(r)
     if layers is not None:
         log.info("activation checkpointing on the first %d decoder layers (hw.checkpoint_layers %s)", layers,
                  hw.checkpoint_layers)
@@ -152,6 +151,15 @@ def build_trainer(trainer_cls: type, config_cls: type, r: Resolved, model: Any, 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     return in_order(trainer_cls)(model=model, args=args, train_dataset=data, eval_dataset=held,
                                  processing_class=tokenizer, callbacks=callbacks)
+
+
+def recomputed_layers(r: Resolved) -> int | None:
+    """How many decoder layers recompute under the profile, ``auto`` settled for this stage and model (None: every
+    layer, or checkpointing off)."""
+    if not r.hw.activation_checkpointing:
+        return None
+    return planner.checkpoint_layers(r.hw, r.model, pair=r.stage == "align",
+                                     logit_chunk=logit_chunk(getattr(r.cfg, "loss", "")))
 
 
 def partial_checkpointing(layers: int):
