@@ -90,7 +90,8 @@ def plan(r: Resolved) -> Plan:
         ("schedule", f"{t.epochs} epochs, lr {t.lr}, {t.scheduler}, warmup {t.warmup_ratio}, "
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
         log_backend_fact(cfg.log_backend),
-    ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r)],
+    ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r),
+               *resume_input(t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)],
        estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,
                                  max_steps=t.max_steps, save_total_limit=t.save_total_limit,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
+from pipeline.core.strict import Key, at_least
 from pipeline.evaluation import evalsets, forgetting
 from pipeline.evaluation import results as R
 from pipeline.evaluation.forgetting import GateConfig
@@ -51,10 +53,25 @@ class EvaluateConfig:
     write_back: bool = True              # scores onto the training run and gate tags onto its registered version
     output_dir: str = "outputs/eval/default"
 
+    def check(self, key: Key) -> list[str]:
+        """What lm-eval would refuse only ~20 s into the run: no tasks, an unknown task, a batch size it cannot read,
+        a mirror of a task without a local layout."""
+        problems = [f"{key('tasks')} is empty; name at least one task, e.g. tasks=[zh_smoke] or "
+                    f"tasks=[cmmlu, hellaswag]"] if not self.tasks else []
+        problems += [f"{key('tasks')}: {p}" for p in evalsets.unknown_tasks(self.tasks, self.mirrors)]
+        if not re.fullmatch(r"auto(:[1-9][0-9]*)?|[1-9][0-9]*", str(self.batch_size)):
+            problems.append(f"{key('batch_size')} is {self.batch_size!r}; use a positive integer, auto, or auto:N "
+                            f"(auto with N tries)")
+        problems += [f"{key('mirrors')}: no local layout for task {t!r}; mirrors are read for "
+                     f"{', '.join(evalsets.LAYOUTS)}" for t in self.mirrors if t not in evalsets.LAYOUTS]
+        return problems + at_least(key, self, ("limit",), nullable=True) + at_least(key, self, ("num_fewshot",), 0,
+                                                                                   nullable=True)
+
 
 def plan(r: Resolved) -> Plan:
     cfg = r.cfg
-    mirrors = [Item(f"mirror of {task}", folder, "exists" if repo_path(folder).is_dir() else "MISSING")
+    mirrors = [Item(f"mirror of {task}", folder, "exists" if repo_path(folder).is_dir() else "MISSING",
+                    check=lambda task=task, folder=folder: evalsets.mirror_problem(task, folder))
                for task, folder in cfg.mirrors.items()]
     return Plan(r, facts=[
         ("tasks", ", ".join(cfg.tasks)),

@@ -110,8 +110,9 @@ class PrepareResult:
 def plan(r: Resolved) -> Plan:
     cfg = r.cfg
     inputs = [Item(f"source {s.name}", (s.path or f"{s.hub_id} @ {s.revision}") + _options(s),
-                   ("exists" if repo_path(s.path).exists() else "MISSING") if s.path else "read from the hub")
-              for s in cfg.sources]
+                   ("exists" if repo_path(s.path).exists() else "MISSING") if s.path else "read from the hub",
+                   problem=None if not s.path or repo_path(s.path).exists() else _missing(r.config_path, i, s))
+              for i, s in enumerate(cfg.sources)]
     return Plan(r, facts=[
         ("parsers", run_inline_checks([s.name for s in cfg.sources])),
         ("filters", f"min_cn_ratio {cfg.filters.min_cn_ratio}, English fallback "
@@ -153,9 +154,13 @@ def run(r: Resolved) -> PrepareResult:
                          {k: built.mix[k]["zh_share"] for k in built.mix}, built.noncommercial)
 
 
+def _missing(src: str, i: int, s: Any) -> str:
+    return (f"{src}: `sources.{i}.path` {s.path!r} does not exist; fix it, or set `path: null` to read {s.hub_id} "
+            f"from the hub")
+
+
 def _check_paths(cfg: PrepareConfig, src: str) -> None:
-    missing = [f"{src}: `sources.{i}.path` {s.path!r} does not exist; fix it, or set `path: null` to read "
-               f"{s.hub_id} from the hub" for i, s in enumerate(cfg.sources) if s.path and not repo_path(s.path).exists()]
+    missing = [_missing(src, i, s) for i, s in enumerate(cfg.sources) if s.path and not repo_path(s.path).exists()]
     if missing:
         raise ConfigError(missing)
 

@@ -19,7 +19,8 @@ from pipeline.data.clean import with_system
 from pipeline.hardware import planner
 from pipeline.models.loading import LoraConfig, check_device, load_for_training
 from pipeline.stage import cli
-from pipeline.stage.dryrun import Item, Plan, base_model_input, data_input, dir_output, log_backend_fact, registry_output
+from pipeline.stage.dryrun import (Item, Plan, base_model_input, data_input, dir_output, log_backend_fact, registry_output,
+                                   resume_input)
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, runs
 from pipeline.training import trainer as T
@@ -66,7 +67,8 @@ def plan(r: Resolved) -> Plan:
                         f"{t.resume or 'off'}; early stopping "
                         f"{f'after {t.early_stopping_patience} evals' if t.early_stopping_patience else 'off'}"),
         log_backend_fact(cfg.log_backend),
-    ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r)],
+    ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r),
+               *resume_input(t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),
                 Item("adapter", f"{cfg.output_dir}/adapter", "safetensors + tokenizer + chat template"),
                 registry_output(cfg.register)],

@@ -49,7 +49,13 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: file not found"])
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}); save "
+                           f"the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 {path.name} > fixed.yaml`)"]) from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if line[: len(line) - len(line.lstrip())].count("\t"):
             raise ConfigError([f"{path}:{lineno}: tab character in the indentation; YAML indents with spaces only"])
@@ -236,7 +242,13 @@ def at_least(key: Key, obj: Any, names: Iterable[str], low: int = 1, *, nullable
 # --------------------------------------------------------------------------------------------------------------
 def parse_overrides(sets: list[str] | None = None, overrides: str | None = None) -> list[tuple[str, Any]]:
     """`--set k=v` (repeatable) and `--overrides "k=v k2=v2"`; values are YAML (`tasks=[a, b]`, `limit=null`)."""
-    items = list(sets or []) + shlex.split(overrides or "")
+    try:
+        words = shlex.split(overrides or "")
+    except ValueError as err:  # an unbalanced quote: `SET="adapter=it's"`
+        raise ConfigError([f"overrides {overrides!r}: {err} (they are split like a shell line); put a value that "
+                           f"holds a quote inside the other kind of quotes, e.g. SET=\"key=\\\"it's\\\"\" "
+                           f"(key=\"it's\")"]) from None
+    items = list(sets or []) + words
     parsed = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -245,7 +257,10 @@ def parse_overrides(sets: list[str] | None = None, overrides: str | None = None)
         try:
             parsed.append((key.strip(), yaml.safe_load(value) if value != "" else ""))
         except yaml.YAMLError as err:
-            raise ConfigError([f"override {item!r}: the value is not valid YAML ({err})"]) from None
+            why = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError([f"override {item!r}: the value is not valid YAML ({why}); an override with "
+                               f"spaces goes in quotes as a whole, e.g. SET=\"'key={{a: 1}}'\""]
+                              ) from None
     return parsed
 
 

@@ -8,13 +8,14 @@ then reads that ordered dataset sequentially, which keeps resume and DDP shardin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import StageError
+from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.profiles import ModelDef
 from pipeline.core.resolved import Resolved
@@ -58,6 +59,34 @@ def pool_folder(ref: DataRef) -> tuple[Path, str | None]:
     return folder, None
 
 
+def verify_pool(folder: Path, names: list[str]) -> dict[str, Any]:
+    """The manifest, after checking each named pool file against the size and sha256 it records (a file truncated
+    by a full disk or a kill, or edited since prepare, is refused before a row is read)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        recorded = {name: manifest["outputs"][name]["sha256"] for name in names}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError([f"{folder / 'manifest.json'}: not a manifest prepare wrote ({type(err).__name__}: {err}); "
+                           f"run `make prepare` again into {folder}"]) from None
+    problems = []
+    for name, sha in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path} is missing, though {folder / 'manifest.json'} lists it")
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha:
+            problems.append(f"{path} has sha256 {digest.hexdigest()[:12]}…, but the manifest recorded {sha[:12]}… "
+                            f"(truncated by a full disk or a kill, or edited since prepare)")
+    if problems:
+        raise ConfigError([*problems[:-1], problems[-1] + f"; run `make prepare` again into {folder} (or point "
+                                                            f"`data.path` / `data.run_id` at a whole pool)"])
+    return manifest
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -66,7 +95,7 @@ def load_pool(ref: DataRef, kind: str, r: Resolved) -> Pool:
     """The pool of one row type, rows over the profile's max_length dropped (and counted). Token counts are
     measured again when the pool was prepared with another model's tokenizer."""
     folder, run_id = pool_folder(ref)
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    manifest = verify_pool(folder, [f"{kind}.jsonl", f"{kind}_eval.jsonl"])
     train, held = _rows(folder / f"{kind}.jsonl"), _rows(folder / f"{kind}_eval.jsonl")
     if manifest.get("tokenizer") != r.model.ref:
         log.warning("the pool was measured with %s, this run uses %s: measuring token lengths again",

@@ -25,6 +25,8 @@ import csv
 import difflib
 import importlib.util
 import json
+import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,7 +296,7 @@ def check_tasks(names: Iterable[str], task_manager: Any, mirrored: Iterable[str]
     problems = []
     for name in names:
         if name not in known:
-            problems.append(f"unknown task {name!r}{_suggest(name, known)}")
+            problems.append(f"unknown task {name!r}{_suggest(name, known | set(LAYOUTS))}")
             continue
         family = next((t for t in ("cmmlu", "ceval-valid") if name == t or name.startswith(f"{t}_")), None)
         entry = task_manager.task_index.get(name)
@@ -304,6 +306,87 @@ def check_tasks(names: Iterable[str], task_manager: Any, mirrored: Iterable[str]
                             f"may be offline): give a local mirror of {family!r} ({_expected(family)})")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def mirror_problem(task: str, folder: str | Path) -> str | None:
+    """`check_mirror`'s verdict as a problem text with the config key, or None (the evaluate pre-check)."""
+    try:
+        check_mirror(task, folder)
+    except (ValueError, OSError) as err:
+        return f"`mirrors.{task}`: {err}"
+    return None
+
+
+_NAME_LINE = re.compile(r"""^[ \t]*(?:-[ \t]*)?["']?(task|group|tag)["']?:[ \t]*(.*?)[ \t]*(?:#.*)?$""")
+_LIST_ITEM = re.compile(r"""^[ \t]*-[ \t]*["']?([^\s#:{}\[\]"']+)["']?[ \t]*$""")
+
+
+_NOT_TASK_FILES = (".py", ".pyc", ".md", ".json", ".jsonl", ".csv", ".txt", ".parquet")
+
+
+def _names_in(text: str) -> set[str]:
+    """Task, group and tag names a task YAML declares (scalar, inline list or block list)."""
+    names: set[str] = set()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        found = _NAME_LINE.match(line)
+        if not found:
+            continue
+        value = found.group(2)
+        if value.startswith("["):
+            names.update(v.strip().strip("'\"") for v in value.strip("[]").split(",") if v.strip())
+        elif value and not value.startswith(("!", "{", "|", ">")):
+            names.add(value.strip("'\""))
+        elif not value:
+            for nxt in lines[i + 1:]:
+                item = _LIST_ITEM.match(nxt)
+                if not item:
+                    break
+                names.add(item.group(1))
+    return names
+
+
+def known_task_names() -> set[str]:
+    """lm-eval's task, group and tag names read from its task files with a pattern (one to two seconds, then cached
+    per lm-eval version; lm-eval's own TaskManager takes 10-20 s). On lm-eval 0.4.13 a superset of every name
+    TaskManager indexes; the run checks the names again with TaskManager itself."""
+    from importlib import metadata
+
+    cache = _cache_dir() / f"lm-eval-{metadata.version('lm_eval')}-names.json"
+    if cache.is_file():
+        return set(json.loads(cache.read_text(encoding="utf-8")))
+    names: set[str] = set()
+    for path in lm_eval_tasks_dir().rglob("*"):  # YAML, and the extension-less files task YAMLs `include`
+        if path.is_file() and path.suffix not in _NOT_TASK_FILES and "__pycache__" not in path.parts:
+            names |= _names_in(path.read_text(encoding="utf-8", errors="replace"))
+    _write_cache(cache, names)
+    return names
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ZH_ALIGN_TASK_INDEX") or repo_path(".cache/lm-eval-index"))
+
+
+def _write_cache(path: Path, names: set[str]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(names)), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only checkout: the index is rebuilt next time
+
+
+def unknown_tasks(names: Iterable[str], mirrors: Iterable[str]) -> list[str]:
+    """Problems for task names neither lm-eval nor a mirror knows, each with the closest names (the config check;
+    the run checks again with lm-eval's TaskManager)."""
+    local = set(mirrors) | {"zh_smoke"}
+    missing = [n for n in names if n not in local]
+    if not missing:
+        return []
+    known = known_task_names()
+    return [f"unknown task {n!r}{_suggest(n, known | set(LAYOUTS))}; see `lm-eval ls tasks`, or name a mirrored task "
+            f"({', '.join(LAYOUTS)})" for n in missing if n not in known]
 
 
 def _item_text(lay: MCLayout | HubLayout, row: dict[str, Any]) -> str:

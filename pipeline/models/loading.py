@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.core.errors import StageError
+from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.profiles import HardwareProfile, ModelDef
-from pipeline.core.strict import Key
+from pipeline.core.paths import repo_path
+from pipeline.core.strict import Key, load_yaml
 from pipeline.models.tiny import tiny_model_dir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -76,10 +77,20 @@ def check_device(hw: HardwareProfile) -> None:
         raise StageError(f"profile {hw.name} turns QLoRA on, which needs a CUDA GPU, and this machine has none; "
                          f"use a GPU or SET=\"hw.qlora=false\"")
     if hw.device == "cuda" and not cuda:
+        if _profile_file_device(hw) != "cuda":  # the profile says cpu: `hw.device=cuda` came from the overrides
+            raise StageError(f"`hw.device=cuda` (from SET / --set) asks profile {hw.name} for a CUDA GPU and this "
+                             f"machine has none; drop that override")
         raise StageError(f"profile {hw.name} needs a CUDA GPU and this machine has none; use HW=cpu here")
     if hw.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise StageError(f"profile {hw.name} trains in bf16, which {torch.cuda.get_device_name()} does not support; "
                          f"SET=\"hw.precision=fp16\" (or fp32)")
+
+
+def _profile_file_device(hw: HardwareProfile) -> str | None:
+    try:
+        return load_yaml(repo_path(hw.source_file)).get("device") if hw.source_file else None
+    except ConfigError:
+        return None
 
 
 def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig | None, qlora: QloraConfig,

@@ -20,9 +20,10 @@ from pipeline.core.paths import CONFIGS
 from pipeline.core.profiles import DEFAULT_HW, apply_hub_env
 from pipeline.core.runtime import launched, rank
 from pipeline.core.strict import parse_overrides
-from pipeline.stage.dryrun import render
+from pipeline.stage.dryrun import precheck, render
 from pipeline.stage.resolve import resolve
 from pipeline.stage.spec import Stage, variant_flags
+from pipeline.tracking.preflight import check_store
 
 log = logging.getLogger("pipeline")
 
@@ -76,6 +77,9 @@ def make_parser(stage: Stage) -> argparse.ArgumentParser:
     add_common(parser)
     parser.add_argument("--dry-run", type=parse_bool, default=True, metavar="true|false",
                         help="print the plan and write nothing (default: true)")
+    parser.add_argument("--check", action="store_true",
+                        help="with --dry-run: also fail (exit 2) on what would stop the real run — a missing or "
+                             "corrupt input, a missing resume folder, a machine without the profile's device")
     if stage.variants:
         add_variant(parser, stage)
     if stage.accel:
@@ -101,10 +105,14 @@ def main(stage: Stage, argv: list[str] | None = None) -> int:
         resolved = resolve(stage, config=args.config or None, hw=args.hw,
                            overrides=parse_overrides(args.set, args.overrides), variant=variant)
         hub_env = apply_hub_env(resolved.hub)
+        check_store()  # an unreachable, read-only or corrupt tracking store: one line, before anything loads
         if getattr(args, "accel", "") and not args.dry_run and not launched():
             relaunch(stage, args.accel, list(sys.argv[1:] if argv is None else argv), resolved.hw.device)
         elif args.dry_run:
-            print(render(stage.plan(resolved), hub_env))
+            plan = stage.plan(resolved)
+            if args.check:
+                precheck(plan, device=stage.accel)
+            print(render(plan, hub_env))
         else:
             log.info("%s finished: %s", stage.name, stage.run(resolved))
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import repo_path, shown
 from pipeline.core.profiles import apply_hub_env
 from pipeline.core.resolved import Resolved
 from pipeline.core.secrets import redact
 from pipeline.core.strict import yaml_value
-from pipeline.data.prepared import DataRef
+from pipeline.data.prepared import DataRef, pool_folder, verify_pool
 from pipeline.hardware.planner import Estimate
+from pipeline.models.loading import check_device
 from pipeline.models.tiny import tiny_cache_path
 from pipeline.stage.resolve import default_config_path
 from pipeline.stage.spec import get
@@ -27,10 +31,15 @@ from pipeline.tracking.runs import experiment_name, tracking_uri
 
 @dataclass
 class Item:
-    """One input or output of a stage: what it is, where, and its state (exists / missing, made by … / new)."""
+    """One input or output of a stage: what it is, where, and its state (exists / missing, made by … / new).
+
+    ``problem``: what would stop the real run (an input missing that no stage makes), said with its fix; ``check``: a
+    costlier test run only by the pre-check (``--check``: hashes, a lookup in the store), returning such a problem."""
     what: str
     where: str
     state: str
+    problem: str | None = None
+    check: Callable[[], str | None] | None = None
 
 
 @dataclass
@@ -61,13 +70,46 @@ def base_model_input(r: Resolved) -> Item:
     return Item("base model", f"{m.hub_id} @ {m.revision}", state)
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id (a pipeline's links are placeholders until the child runs)
+
+
 def data_input(ref: DataRef, files: tuple[str, ...], r: Resolved) -> Item:
     if ref.run_id:
-        return Item("prepared data", f"prepare run {ref.run_id} ({', '.join(files)})", "looked up in MLflow at run time")
-    folder = repo_path(ref.path)
+        check = (lambda: _pool_problem(ref, files)) if RUN_ID.fullmatch(ref.run_id) else None
+        return Item("prepared data", f"prepare run {ref.run_id} ({', '.join(files)})", "looked up in MLflow at run time",
+                    check=check)
+    folder = repo_path(ref.path or "")
     missing = [f for f in files if not (folder / f).is_file()]
-    state = "exists" if not missing else f"missing {', '.join(missing)}; produced by {make_command('prepare', r)}"
-    return Item("prepared data", f"{ref.path}/{{{','.join(files)}}}", state)
+    if not missing:
+        return Item("prepared data", f"{ref.path}/{{{','.join(files)}}}", "exists",
+                    check=lambda: _pool_problem(ref, files))
+    return Item("prepared data", f"{ref.path}/{{{','.join(files)}}}",
+                f"missing {', '.join(missing)}; produced by {make_command('prepare', r)}",
+                problem=f"`data.path` {ref.path!r} holds no prepared pool (missing {', '.join(missing)}); run "
+                        f"{make_command('prepare', r)} first, or set `data.path` to a prepared folder or `data.run_id` "
+                        f"to a prepare run")
+
+
+def _pool_problem(ref: DataRef, files: tuple[str, ...]) -> str | None:
+    """The pool's files against the sha256 values of its manifest (a truncated or edited file), or its run lookup."""
+    try:
+        folder, _ = pool_folder(ref)
+        verify_pool(folder, [f for f in files if f != "manifest.json"])
+    except (ConfigError, StageError) as err:
+        return str(err)
+    return None
+
+
+def resume_input(resume: str | None) -> list[Item]:
+    """`train.resume`: nothing, auto (the newest checkpoint in output_dir), or a checkpoint folder that must exist."""
+    if not resume:
+        return []
+    if resume == "auto":
+        return [Item("resume", "auto", "the newest complete checkpoint in output_dir, if any (else a fresh start)")]
+    if Path(resume).is_dir() or repo_path(resume).is_dir():
+        return [Item("resume", resume, "checkpoint folder, exists")]
+    return [Item("resume", resume, "MISSING", problem=f"`train.resume` {resume!r} is not a checkpoint folder; set it "
+                                                      f"to auto, null, or an existing <output_dir>/checkpoint-N folder")]
 
 
 def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved) -> Item:
@@ -76,6 +118,32 @@ def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved) -> It
     if repo_path(ref).exists():
         return Item(what, ref, "local folder, exists")
     return Item(what, ref, f"looked up in the MLflow registry / runs at run time; produced by {make_command(made_by, r)}")
+
+
+def blocking(plans: list[Plan]) -> list[str]:
+    """What would stop the real runs of these plans, found now (the pre-check ``--check``): each input's problem and
+    its costlier check. Empty when they can start."""
+    problems = []
+    for plan in plans:
+        for item in plan.inputs:
+            problem = item.problem or (item.check() if item.check else None)
+            if problem:
+                problems.append(f"{plan.resolved.stage}: {problem}")
+    return problems
+
+
+def precheck(plan: Plan, device: bool) -> None:
+    """The pre-check every Make target runs before `mlflow run` (``--check``): raise ConfigError with whatever would
+    stop the real run — :func:`blocking` inputs and, for a stage that trains on the profile's device (``device``), a
+    machine without what the profile asks for (CUDA, bf16)."""
+    problems = blocking([plan])
+    if device:
+        try:
+            check_device(plan.resolved.hw)
+        except StageError as err:
+            problems.append(f"{plan.resolved.stage}: {err}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def dir_output(path: str, what: str = "output folder") -> Item:

@@ -41,6 +41,10 @@ def resolve(stage: str | Stage, *, config: str | Path | None = None, hw: str = D
         path = repo_path(path)
     src = shown(path)
     raw = _collect(problems, load_yaml, path)
+    if raw == {}:  # an empty file would silently mean every default (the 7B model), whatever the profile
+        problems.append(f"{src}: the file holds no keys; a stage config names at least its `model` — start from "
+                        f"{shown(default_config_path(stage, profile, variant))}")
+        raw = None
     if raw is not None:
         for key, value in cfg_over:
             _collect(problems, apply_override, raw, key, value)
@@ -55,7 +59,8 @@ def resolve(stage: str | Stage, *, config: str | Path | None = None, hw: str = D
         raise ConfigError(problems)
     if profile.max_length > model.max_positions:
         raise ConfigError([f"{profile.source_file}: `max_length` {profile.max_length} exceeds {model.name}'s maximum"
-                           f" of {model.max_positions} positions ({model.architecture})"])
+                           f" of {model.max_positions} positions ({model.architecture}); set `hw.max_length` to at most "
+                           f"{model.max_positions} (SET=\"hw.max_length={model.max_positions}\") or pick another model"])
     return Resolved(stage.name, src, cfg, profile, model, load_hub(), list(overrides), variant)
 
 
