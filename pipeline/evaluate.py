@@ -177,7 +177,7 @@ def _target(r: Resolved) -> dict[str, Any]:
     folder = repo_path(ref)
     if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         return {**none, "merged": folder, "source": str(folder)}  # a merged model: evaluated as it is
-    found = lineage.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name)
+    found = lineage.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name, key="adapter")
     source = found["source"]
     name = source.removeprefix("models:/").split("/")[0] if source.startswith("models:/") else None
     return {**found, "merged": None, "name": name}

@@ -60,7 +60,8 @@ class ExportResult:
 
 def run(r: Resolved) -> ExportResult:
     cfg = r.cfg
-    target = lineage.find_adapter(cfg.adapter, stage="align", model=r.model.name, hw=r.hw.name)
+    target = lineage.find_adapter(cfg.adapter, stage="align", model=r.model.name, hw=r.hw.name,
+                                    key="adapter")
     recorded = target["tags"].get("base_model", "")
     if not same_base(recorded, r.model):
         raise StageError(f"adapter {target['source']} was trained on base {recorded!r}, but this export's base is "

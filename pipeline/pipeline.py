@@ -27,10 +27,11 @@ from pipeline.core.errors import StageError
 from pipeline.core.resolved import Resolved
 from pipeline.core.strict import parse_overrides, yaml_value
 from pipeline.stage import cli
-from pipeline.stage.dryrun import pages
+from pipeline.stage.dryrun import pages, precheck
 from pipeline.stage.resolve import resolve_all, split_overrides
 from pipeline.stage.spec import get, names, stages, variant_flags
 from pipeline.tracking import lineage, runs
+from pipeline.tracking.preflight import check_store
 
 log = logging.getLogger("pipeline.pipeline")
 
@@ -199,11 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                              "are reused, the rest run")
     parser.add_argument("--dry-run", type=cli.parse_bool, default=True, metavar="true|false",
                         help="print the whole chain's plan and run nothing (default: true)")
+    parser.add_argument("--check", action="store_true", help="with --dry-run: also fail (exit 2) on what would stop "
+                                                             "a stage of the real run (see the stages' --check)")
     args = parser.parse_args(argv)
     cli.setup_logging()
 
     def go() -> None:
         c = chain(args.hw, parse_overrides(args.set, args.overrides), cli.variants(args), args.accel, args.resume)
+        check_store()
+        if args.check or not args.dry_run:  # every stage's inputs before the first child starts
+            precheck([get(r.stage).plan(r) for r in c.resolved])
         print(page(c)) if args.dry_run else run(c)
 
     return cli.guarded(go)

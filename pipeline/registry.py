@@ -13,12 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.core.errors import StageError
+from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.strict import parse_overrides
 from pipeline.models.loading import same_base
 from pipeline.stage.cli import add_common, guarded, setup_logging
 from pipeline.stage.resolve import resolve
 from pipeline.tracking import model_registry
+from pipeline.tracking.preflight import check_store
 from pipeline.training.probes import check_probe_logits
 
 
@@ -39,12 +40,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.command == "promote":
-        return guarded(lambda: print(model_registry.promote(args.model, args.version, args.alias, args.force)))
+        return guarded(lambda: promote(args))
     return guarded(lambda: pull(args))
 
 
+def promote(args: argparse.Namespace) -> None:
+    problems = []
+    if not args.model.strip() or "@" in args.model or "/" in args.model:
+        problems.append(f"MODEL {args.model!r}: give the registered model's name alone, e.g. `make promote "
+                        f"MODEL=zh-align-merged VERSION=3` (the names and versions: `make ui` → Models)")
+    if not args.version.strip().isdigit():
+        problems.append(f"VERSION {args.version!r}: give the version number to promote, e.g. VERSION=3")
+    if not args.alias.strip():
+        problems.append("ALIAS is empty; leave it out for champion, or name the alias to move")
+    if problems:
+        raise ConfigError(problems)
+    check_store()
+    print(model_registry.promote(args.model.strip(), args.version.strip(), args.alias.strip(), args.force))
+
+
+def check_dest(text: str, overwrite: bool) -> Path:
+    """DEST as `make pull` may write it: given, not a file, empty unless OVERWRITE=1."""
+    if not text.strip():
+        raise ConfigError(["DEST is empty; name the folder to pull into, e.g. `make pull MODEL=zh-align-merged@"
+                           "candidate DEST=outputs/pulled`"])
+    dest = Path(text).expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError([f"DEST {text!r} is a file; pull writes a folder: give a new or empty folder's path"])
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise ConfigError([f"DEST {text!r} is not empty; pass OVERWRITE=1 to replace it, or give another folder"])
+    return dest
+
+
 def pull(args: argparse.Namespace) -> None:
+    if not args.model.strip():
+        raise ConfigError(["MODEL is empty; give `name@alias` or `name/version`, e.g. `make pull "
+                           "MODEL=zh-align-merged@candidate DEST=outputs/pulled`"])
+    check_dest(args.dest, args.overwrite)
     r = resolve("export", hw=args.hw, overrides=parse_overrides(args.set, args.overrides))
+    check_store()
     base = f"{r.model.hub_id or r.model.name} (model {r.model.name}, HW={r.hw.name})"
     dest = model_registry.pull(args.model, Path(args.dest), args.overwrite, base=base,
                                same_base=lambda recorded: same_base(recorded, r.model))

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.errors import StageError
+from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import ROOT, shown
 from pipeline.core.profiles import load_model, load_profile
 from pipeline.core.strict import parse_overrides, yaml_value
@@ -41,6 +41,7 @@ from pipeline.data.prepared import DataRef, pool_folder
 from pipeline.stage import cli
 from pipeline.stage.spec import get, names, stages
 from pipeline.tracking import runs
+from pipeline.tracking.preflight import check_store
 
 RERUN_ALIAS = "rerun"
 RERUN_DIR = ROOT / "outputs" / "rerun"
@@ -207,7 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.setup_logging()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return cli.guarded(lambda: execute(args.run_id.strip(), args.out.resolve(), args.dry_run))
+    return cli.guarded(lambda: execute(checked_run_id(args.run_id), args.out.resolve(), args.dry_run))
+
+
+def checked_run_id(text: str) -> str:
+    """RUN_ID as given, refused when empty; the store it is looked up in checked first."""
+    if not text.strip():
+        raise ConfigError(["RUN_ID is empty; `make rerun RUN_ID=<run id>` with the id of a FINISHED stage or pipeline "
+                           "run (`make ui`: the run's page, or the pipeline's printed summary)"])
+    check_store()
+    return text.strip()
 
 
 def execute(run_id: str, out: Path, dry_run: bool) -> None:

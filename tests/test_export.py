@@ -80,9 +80,9 @@ def test_pull_gives_a_folder_transformers_loads_and_refuses_a_full_dest(exported
     dest = exported["tmp"] / "pulled-merged"
     assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest)]) == 0
     assert torch.allclose(logits(dest), logits(exported["out"]), atol=1e-6)
-    assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest)]) == 1
+    assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest)]) == 2
     assert "is not empty; pass OVERWRITE=1" in capsys.readouterr().err
-    assert registry.main(["pull", "--model", "zh-align-merged@nope", "--dest", str(dest), "--overwrite"]) == 1
+    assert registry.main(["pull", "--model", "zh-align-merged@nope", "--dest", str(dest), "--overwrite"]) == 2
     assert "aliases of zh-align-merged: candidate" in capsys.readouterr().err
 
 

@@ -111,7 +111,7 @@ def main(stage: Stage, argv: list[str] | None = None) -> int:
         elif args.dry_run:
             plan = stage.plan(resolved)
             if args.check:
-                precheck(plan, device=stage.accel)
+                precheck([plan])
             print(render(plan, hub_env))
         else:
             log.info("%s finished: %s", stage.name, stage.run(resolved))

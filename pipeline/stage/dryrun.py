@@ -132,16 +132,18 @@ def blocking(plans: list[Plan]) -> list[str]:
     return problems
 
 
-def precheck(plan: Plan, device: bool) -> None:
+def precheck(plans: list[Plan]) -> None:
     """The pre-check every Make target runs before `mlflow run` (``--check``): raise ConfigError with whatever would
-    stop the real run — :func:`blocking` inputs and, for a stage that trains on the profile's device (``device``), a
-    machine without what the profile asks for (CUDA, bf16)."""
-    problems = blocking([plan])
-    if device:
-        try:
-            check_device(plan.resolved.hw)
-        except StageError as err:
-            problems.append(f"{plan.resolved.stage}: {err}")
+    stop the real runs — :func:`blocking` inputs and, for a stage that trains on the profile's device (a stage that
+    may run under ``accelerate``), a machine without what the profile asks for (CUDA, bf16)."""
+    problems = blocking(plans)
+    for plan in plans:
+        if get(plan.resolved.stage).accel:
+            try:
+                check_device(plan.resolved.hw)
+            except StageError as err:
+                problems.append(f"{plan.resolved.stage}: {err}")
+                break  # one machine: said once
     if problems:
         raise ConfigError(problems)
 

@@ -35,7 +35,7 @@ def prepared_folder(run_id: str) -> Path:
     raise StageError(f"run {run_id} is not a prepare run (it logged no pools); use the run id of `make prepare`")
 
 
-def find_adapter(ref: str | None, *, stage: str, model: str, hw: str) -> dict[str, Any]:
+def find_adapter(ref: str | None, *, stage: str, model: str, hw: str, key: str = "start_from") -> dict[str, Any]:
     """A registered adapter as {folder, source, run_id, version, tags}. `ref`: a run id, `name@alias`, `name/version`
     or a local adapter folder; None = the newest FINISHED `stage` run of the experiment with the same base model and
     hardware profile. The caller checks the base model against the tags (`model` for runs found by default)."""
@@ -46,21 +46,21 @@ def find_adapter(ref: str | None, *, stage: str, model: str, hw: str) -> dict[st
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     try:
-        version = _version(client, ref, stage=stage, model=model, hw=hw)
+        version = _version(client, ref, stage=stage, model=model, hw=hw, key=key)
     except mlflow.exceptions.MlflowException as err:
-        raise StageError(f"start point {ref!r} is not a run, `name@alias` or `name/version` in {tracking_uri()}, "
-                         f"nor an adapter folder; check `start_from`") from err
+        raise StageError(f"`{key}` {ref!r} is not a run, `name@alias` or `name/version` in {tracking_uri()}, nor an "
+                         f"adapter folder; check `{key}` (SET=\"{key}=zh-align-sft@candidate\" or a folder)") from err
     folder = Path(mlflow.artifacts.download_artifacts(version.source))
     return {**_local_adapter(_adapter_dir(folder)), "source": f"models:/{version.name}/{version.version}",
             "run_id": version.run_id, "version": str(version.version), "tags": dict(version.tags)}
 
 
-def _version(client: Any, ref: str | None, *, stage: str, model: str, hw: str) -> Any:
+def _version(client: Any, ref: str | None, *, stage: str, model: str, hw: str, key: str) -> Any:
     if ref and "@" in ref:
         return client.get_model_version_by_alias(*ref.split("@", 1))
     if ref and "/" in ref:
         return client.get_model_version(*ref.split("/", 1))
-    run_id = ref or _latest_run(client, stage=stage, model=model, hw=hw)
+    run_id = ref or _latest_run(client, stage=stage, model=model, hw=hw, key=key)
     versions = client.search_model_versions(f"run_id = '{run_id}'")
     if not versions:
         client.get_run(run_id)  # an unknown id raises here, with MLflow's own message
@@ -68,14 +68,14 @@ def _version(client: Any, ref: str | None, *, stage: str, model: str, hw: str) -
     return max(versions, key=lambda v: int(v.version))
 
 
-def _latest_run(client: Any, *, stage: str, model: str, hw: str) -> str:
+def _latest_run(client: Any, *, stage: str, model: str, hw: str, key: str) -> str:
     experiment = client.get_experiment_by_name(experiment_name())
     runs = client.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.stage = '{stage}' and tags.model = '{model}' and tags.hw = '{hw}' "
                                             f"and attributes.status = 'FINISHED'") if experiment else []
     if not runs:
         raise StageError(f"no FINISHED {stage} run with base {model} and profile {hw} in experiment "
-                         f"{experiment_name()}; run `make {stage} HW={hw} DRY_RUN=0` first or set `start_from`")
+                         f"{experiment_name()}; run `make {stage} HW={hw} DRY_RUN=0` first or set `{key}`")
     return runs[0].info.run_id
 
 

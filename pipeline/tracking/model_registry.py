@@ -14,8 +14,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import StageError
+from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.secrets import REDACTED, is_secret
+from pipeline.core.strict import close
 from pipeline.tracking.runs import MAX_VALUE, rank0, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,21 @@ def registered_version(client: Any, ref: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     name, sep, rest = ref.partition("@") if "@" in ref else ref.partition("/")
-    if not sep or not rest:
-        raise StageError(f"model {ref!r}: give `name@alias` or `name/version`")
+    if not name or not sep or not rest:
+        raise ConfigError([f"model {ref!r}: give `name@alias` or `name/version` (MODEL=zh-align-merged@candidate)"])
     try:
         return client.get_model_version_by_alias(name, rest) if "@" in ref else client.get_model_version(name, rest)
     except MlflowException as err:
         try:
-            aliases = sorted(client.get_registered_model(name).aliases)
+            model = client.get_registered_model(name)
         except MlflowException:
-            raise StageError(f"no registered model {name!r} in {tracking_uri()}") from err
-        raise StageError(f"{ref!r} does not exist; aliases of {name}: {', '.join(aliases) or 'none'}") from err
+            names = sorted(m.name for m in client.search_registered_models(max_results=100))
+            raise ConfigError([f"no registered model {name!r} in {tracking_uri()}; registered: "
+                               f"{', '.join(names) or 'none'}{close(name, names)}"]) from err
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        raise ConfigError([f"{ref!r} does not exist; aliases of {name}: "
+                           f"{', '.join(f'{a} (version {v})' for a, v in sorted(model.aliases.items())) or 'none'}; "
+                           f"versions: {', '.join(map(str, versions)) or 'none'}"]) from err
 
 
 def promote(name: str, version: str, alias: str, force: bool = False) -> str:

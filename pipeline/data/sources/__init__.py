@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core.errors import ConfigError
 from pipeline.core.strict import Key, close
 from pipeline.data.sources import coig, coig_pc_core, hh_rlhf, oasst1, pku_saferlhf, shp, ultrafeedback_binarized
 from pipeline.data.sources.base import OPTIONS, BadRow, RawFile, Record, RowStream, Source, SourceConfig, SourceError
@@ -50,9 +51,18 @@ def records(src: SourceConfig, files: list[RawFile], tally: Tally) -> Iterator[R
     """Every record of a source, stamped with its name; unusable rows are counted in ``tally`` by reason."""
     def stream() -> RowStream:
         for f in files:
+            before, rows = Counter(tally.skipped), 0
             for n, row in read_rows(f, tally.skipped):
                 tally.read += 1
+                rows += 1
                 yield f, n, row
+            if not rows:  # a file with no usable row is the wrong file, not a few bad rows
+                bad = tally.skipped - before
+                what = ("holds no rows (an empty file)" if not bad else "has no usable row: "
+                        + ", ".join(f"{reason}: {k}" for reason, k in bad.most_common()))
+                raise ConfigError([f"source {src.name}: {f.path} {what}; point `path` at the dataset's files in "
+                                   f"its hub layout (UTF-8 JSON lines of objects, a JSON array, or parquet), or "
+                                   f"remove the file"])
 
     kept = 0
     for rec in SOURCES[src.name].parse(stream(), src):
@@ -63,6 +73,11 @@ def records(src: SourceConfig, files: list[RawFile], tally: Tally) -> Iterator[R
         kept += 1
         if src.max_rows is not None and kept >= src.max_rows:
             return
+    if not kept and tally.read:
+        reasons = ", ".join(f"{reason}: {k}" for reason, k in tally.skipped.most_common(3))
+        raise ConfigError([f"source {src.name}: none of the {tally.read} rows under {files[0].path.parent} could be "
+                           f"used ({reasons or 'no record'}); check that `path` holds {src.name}'s files in the "
+                           f"hub layout{' and its options' if SOURCES[src.name].options else ''}"])
 
 
 def download(src: SourceConfig) -> Path:

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.errors import ConfigError
 from pipeline.data.sources.base import RawFile, Source, SourceConfig
 
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".tar.gz")
@@ -77,8 +78,15 @@ def read_rows(f: RawFile, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
+        import pyarrow as pa
+
+        try:
+            parquet = pq.ParquetFile(f.path)
+        except (pa.ArrowException, OSError) as err:
+            raise ConfigError([f"{f.path} is not a parquet file ({err}); replace it with the dataset's own file, or "
+                               f"remove it"]) from None
         n = 0
-        for batch in pq.ParquetFile(f.path).iter_batches(batch_size=4096):
+        for batch in parquet.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
                 n += 1
                 yield n, row
