@@ -48,11 +48,16 @@ else
   RUN_EXPERIMENT := $(EXPERIMENT)-dryrun
 endif
 
+# SET as one shell word, whatever quotes it holds (a ' inside becomes '\'').
+SET_Q = '$(subst ','\'',$(SET))'
+# A real run's pre-check also fails on what would stop it later: missing inputs, a corrupt pool, no CUDA.
+CHECK := $(if $(filter 0,$(DRY_RUN)),--check)
+
 # Check the config first (fast, clean error, no FAILED run in the store), then launch through MLflow.
 define stage
-	@$(PY) -m pipeline.$(1) --hw '$(HW)' --config '$(CONFIG)' --overrides '$(SET)' $(2) --dry-run true > /dev/null
+	@$(PY) -m pipeline.$(1) --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q) $(2) --dry-run true $(CHECK) > /dev/null
 	mlflow run . -e $(1) --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' --run-name '$(1)-$(HW)' \
-	  -P hw='$(HW)' -P dry_run=$(DRY) -P config='$(CONFIG)' -P overrides='$(SET)' $(3)
+	  -P hw='$(HW)' -P dry_run=$(DRY) -P config='$(CONFIG)' -P overrides=$(SET_Q) $(3)
 endef
 
 help: ## list the targets and the variables
@@ -75,15 +80,15 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 plan: $(STAMP) ## the plans of all five stages on one page with predicted memory, time and disk; kept as a run
-	@$(PY) -m pipeline.plan --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' > /dev/null
+	@$(PY) -m pipeline.plan --hw '$(HW)' --loss '$(LOSS)' --overrides $(SET_Q) > /dev/null
 	mlflow run . -e plan --env-manager $(ENV_MANAGER) --experiment-name '$(EXPERIMENT)' \
-	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides='$(SET)'
+	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides=$(SET_Q)
 
 pipeline: $(STAMP) ## prepare → sft → align → evaluate → export as child runs of one parent run (LOSS=orpo|dpo, RESUME=run id)
-	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --overrides '$(SET)' --dry-run true > /dev/null
+	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --overrides $(SET_Q) --dry-run true $(CHECK) > /dev/null
 	mlflow run . -e pipeline --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
 	  --run-name 'pipeline-$(HW)-$(LOSS)' \
-	  -P hw='$(HW)' -P dry_run=$(DRY) -P loss='$(LOSS)' -P overrides='$(SET)' -P accel='$(ACCEL)' -P resume='$(RESUME)'
+	  -P hw='$(HW)' -P dry_run=$(DRY) -P loss='$(LOSS)' -P overrides=$(SET_Q) -P accel='$(ACCEL)' -P resume='$(RESUME)'
 
 prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preference pools + data card
 	$(call stage,prepare)
@@ -91,7 +96,7 @@ prepare: $(STAMP) ## clean, dedup and bucket the datasets into SFT and preferenc
 data: prepare ## alias of prepare
 
 bench: $(STAMP) ## tokens/s, MFU and peak memory of STAGE=sft|dpo|orpo on HW's profile beside TRL's defaults (DATA=pool, CAP=GiB)
-	$(PY) -m pipeline.bench --hw '$(HW)' --stage '$(STAGE)' --overrides '$(SET)' $(if $(DATA),--data '$(DATA)') \
+	$(PY) -m pipeline.bench --hw '$(HW)' --stage '$(STAGE)' --overrides $(SET_Q) $(if $(DATA),--data '$(DATA)') \
 	  $(if $(CAP),--mem-cap-gib $(CAP)) --out outputs/bench/$(HW)-$(STAGE)
 
 bench-gpu: $(STAMP) ## on an H100/H200 (≤ 8 min): every profile under its card's cap vs its baseline and the planner; JSON in OUT
@@ -127,7 +132,7 @@ promote: $(STAMP) ## move ALIAS (champion) to MODEL's VERSION; refused when its 
 	$(PY) -m pipeline.registry promote --model '$(MODEL)' --version '$(VERSION)' --alias '$(ALIAS)' $(if $(filter 1,$(FORCE)),--force)
 
 pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRITE=1 replaces it, VERIFY=1 checks logits
-	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' --hw '$(HW)' --overrides '$(SET)' \
+	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' --hw '$(HW)' --overrides $(SET_Q) \
 	  $(if $(filter 1,$(OVERWRITE)),--overwrite) $(if $(filter 1,$(VERIFY)),--verify)
 
 rerun: $(STAMP) ## re-run the finished stage or pipeline run RUN_ID from what it logged; reports what came out identical

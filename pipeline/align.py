@@ -32,6 +32,7 @@ from pipeline.stage.dryrun import (
     log_backend_fact,
     model_ref_input,
     registry_output,
+    resume_input,
 )
 from pipeline.stage.resolve import resolve
 from pipeline.stage.spec import Stage

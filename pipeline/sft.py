@@ -19,8 +19,16 @@ from pipeline.data.clean import with_system
 from pipeline.hardware import planner
 from pipeline.models.loading import LoraConfig, check_device, load_for_training
 from pipeline.stage import cli
-from pipeline.stage.dryrun import (Item, Plan, base_model_input, data_input, dir_output, log_backend_fact, registry_output,
-                                   resume_input)
+from pipeline.stage.dryrun import (
+    Item,
+    Plan,
+    base_model_input,
+    data_input,
+    dir_output,
+    log_backend_fact,
+    registry_output,
+    resume_input,
+)
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, runs
 from pipeline.training import trainer as T

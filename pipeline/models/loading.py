@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.core.errors import ConfigError, StageError
-from pipeline.core.profiles import HardwareProfile, ModelDef
 from pipeline.core.paths import repo_path
+from pipeline.core.profiles import HardwareProfile, ModelDef
 from pipeline.core.strict import Key, load_yaml
 from pipeline.models.tiny import tiny_model_dir
 

@@ -76,9 +76,8 @@ def read_rows(f: RawFile, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row number, row) of one file: JSON lines, a JSON array, parquet, gzip of those, or a tar of JSON files."""
     name = f.path.name
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         try:
             parquet = pq.ParquetFile(f.path)
@@ -92,13 +91,22 @@ def read_rows(f: RawFile, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield n, row
         return
     if name.endswith(".tar.gz"):
-        with tarfile.open(f.path, "r:gz") as tar:
+        try:
+            tar = tarfile.open(f.path, "r:gz")  # noqa: SIM115 - closed by the `with` below; opening is what fails
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise ConfigError([f"{f.path} is not a gzipped tar ({err}); replace it with the dataset's own file, or "
+                               f"remove it"]) from None
+        with tar:
             members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")),
                              key=lambda m: m.name)
             for n, m in enumerate(members, 1):
                 yield from ((n, row) for _, row in _json_document(tar.extractfile(m).read(), bad))
         return
-    raw = gzip.decompress(f.path.read_bytes()) if name.endswith(".gz") else f.path.read_bytes()
+    try:
+        raw = gzip.decompress(f.path.read_bytes()) if name.endswith(".gz") else f.path.read_bytes()
+    except (OSError, EOFError) as err:  # not gzip, or cut short
+        raise ConfigError([f"{f.path} cannot be read as {'gzip' if name.endswith('.gz') else 'a file'} ({err}); "
+                           f"replace it with the dataset's own file, or remove it"]) from None
     yield from _json_document(raw, bad)
 
 
