@@ -69,7 +69,8 @@ def load_yaml(path: Path | str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping of keys at the top, got {type(data).__name__}"])
+        raise ConfigError([f"{path}: expected a mapping of keys at the top, got a {type(data).__name__}; write "
+                           f"`key: value` lines (see the files in configs/)"])
     return data
 
 

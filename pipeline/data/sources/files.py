@@ -54,9 +54,15 @@ def list_files(root: Path, src: SourceConfig, source: Source) -> list[RawFile]:
             if (src.subsets is None or f.subset in src.subsets) and (src.splits is None or f.split in src.splits)]
 
 
+MAX_ROW_BYTES = 1 << 20  # a JSON line over 1 MiB is no conversation (a dump, a base64 blob): counted, not parsed
+
+
 def _lines(raw: bytes, bad: Counter) -> Iterator[tuple[int, dict[str, Any]]]:
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
+            continue
+        if len(line) > MAX_ROW_BYTES:
+            bad["row over 1 MiB"] += 1
             continue
         try:
             row = json.loads(line.decode("utf-8"))
