@@ -73,10 +73,10 @@ def records(src: SourceConfig, files: list[RawFile], tally: Tally) -> Iterator[R
         kept += 1
         if src.max_rows is not None and kept >= src.max_rows:
             return
-    if not kept and tally.read:
+    if not kept and tally.skipped:  # every row refused by the parser: the wrong files, or options that refuse all
         reasons = ", ".join(f"{reason}: {k}" for reason, k in tally.skipped.most_common(3))
         raise ConfigError([f"source {src.name}: none of the {tally.read} rows under {files[0].path.parent} could be "
-                           f"used ({reasons or 'no record'}); check that `path` holds {src.name}'s files in the "
+                           f"used ({reasons}); check that `path` holds {src.name}'s files in the "
                            f"hub layout{' and its options' if SOURCES[src.name].options else ''}"])
 
 
