@@ -81,7 +81,7 @@ def plan(r: Resolved) -> Plan:
         start = Item("start point (SFT adapter)", f"latest FINISHED sft run with base {r.model.name} and profile "
                      f"{r.hw.name}", f"looked up in MLflow at run time; produced by `make sft HW={r.hw.name} DRY_RUN=0`")
     else:
-        start = model_ref_input("start point (SFT adapter)", cfg.start_from, "sft", r)
+        start = model_ref_input("start point (SFT adapter)", cfg.start_from, "sft", r, key="start_from")
     reference = "none (ORPO)" if cfg.reference == "none" else "the frozen SFT policy"
     return Plan(r, facts=[
         ("loss", f"{cfg.loss}, beta {cfg.beta}, length penalty alpha {cfg.length_penalty} (R-DPO: the margin minus "

@@ -21,6 +21,7 @@ from pipeline.stage import cli
 from pipeline.stage.dryrun import pages
 from pipeline.stage.resolve import resolve_all
 from pipeline.tracking import runs
+from pipeline.tracking.preflight import check_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> None:
         resolved = resolve_all(args.hw, parse_overrides(args.set, args.overrides), cli.variants(args))
+        check_store()  # `make plan` keeps its page on a run: the store must take it
         text = pages(resolved)
         print(text)
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run . -e plan`: keep the page on that run

@@ -45,6 +45,7 @@ class Case:
     seconds: float | None = None      # must answer within
     command: list[str] = field(default_factory=list)
     unchanged: Path | None = None     # a file that must keep its bytes (the corrupt store)
+    absent: tuple[str, ...] = ()      # must not be in stderr (a wrong key named)
 
 
 @dataclass
@@ -170,9 +171,11 @@ def read_only_store(w: World) -> Case:
     store.parent.mkdir(exist_ok=True)
     shutil.copy(w.db, store)
     store.chmod(0o444)
-    if os.access(store, os.W_OK):  # root: permissions do not bind; an immutable file does
-        if subprocess.run(["chattr", "+i", str(store)], capture_output=True).returncode or os.access(store, os.W_OK):
-            pytest.skip("cannot make a file read-only for this user here (root without chattr)")
+    immutable = os.access(store, os.W_OK) and shutil.which("chattr")  # root: permissions do not bind; chattr +i does
+    if immutable:
+        subprocess.run(["chattr", "+i", str(store)], capture_output=True)
+    if os.access(store, os.W_OK):
+        pytest.skip("cannot make a file read-only for this user here (root without chattr +i)")
     return Case(sft.main, dry(), ("read-only", "chmod u+w", "MLFLOW_TRACKING_URI"), env={"MLFLOW_TRACKING_URI":
                                                                                       f"sqlite:///{store}"})
 
@@ -280,6 +283,8 @@ CASES: dict[str, Callable[[World], Case]] = {
                                                                  f"output_dir={w.out('truncated')}"],
                                                       ("sft.jsonl has sha256", "run `make prepare` again"),
                                                       output=w.out("truncated")),
+    "data-run-id-not-in-the-store": lambda w: Case(sft.main, dry("data.run_id=" + "deadbeef" * 4, check=True), (
+        f"`data.run_id` '{'deadbeef' * 4}' is not a run in", "set `data.path`")),
     "data-resume-path-missing": lambda w: Case(sft.main, dry(f"data.path={w.pool}", f"train.resume={w.tmp}/ckpt-9",
                                                              check=True), ("`train.resume`", "is not a checkpoint "
                                                                                              "folder", "auto")),
@@ -296,9 +301,16 @@ CASES: dict[str, Callable[[World], Case]] = {
     "data-parquet-that-is-not-parquet": one_source("parquet", b"PAR1 but not really\n", (
         "is not a parquet file", "replace it with the dataset's own file"), file="train_prefs-00000-of-00001.parquet"),
     "data-every-row-filtered-out": lambda w: Case(prepare.main, [
-        "--config", str(w.oasst1), "--hw", "cpu", "--dry-run", "false", "--set", "buckets=[4]", "--set", "mix.sft.curriculum=[]", "--set",
-        f"output_dir={w.out('filtered')}"], ("the sft pool is empty: the length step removed all",
+        "--config", str(w.oasst1), "--hw", "cpu", "--dry-run", "false", "--set", "buckets=[4]", "--set",
+        "mix.sft.curriculum=[]", "--set", f"output_dir={w.out('filtered')}"], ("the sft pool is empty: the length step removed all",
                                              "raise the last of `buckets`"), code=1, output=w.out("filtered")),
+    "eval-adapter-that-does-not-exist": lambda w: Case(evaluate.main, dry("adapter=zh-align-sft@nope", check=True), (
+        "`adapter` 'zh-align-sft@nope' is not a run, `name@alias` or `name/version`", "check `adapter`")),
+    "export-bad-adapter-names-adapter": lambda w: Case(export.main, dry("adapter=no-such-adapter", check=True), (
+        "`adapter` 'no-such-adapter'", "check `adapter`"), absent=("start_from",)),
+    "align-bad-start-from": lambda w: Case(align.main, dry("start_from=zh-align-sft/7", f"data.path={w.pool}",
+                                                           check=True), ("`start_from` 'zh-align-sft/7'",
+                                                                         "check `start_from`")),
     # registry
     "registry-promote-without-model": lambda w: Case(registry.main, ["promote", "--model", "", "--version", ""], (
         "MODEL ''", "make promote MODEL=zh-align-merged VERSION=3", "VERSION ''")),
@@ -344,6 +356,10 @@ CASES: dict[str, Callable[[World], Case]] = {
         "MLFLOW_TRACKING_URI": f"sqlite:///{w.tmp}/no/such/folder/mlflow.db"}),
     # the Makefile
     "make-single-quote-in-set": make_quote,
+    "make-pipeline-typo-in-the-last-stage": lambda w: Case(None, [], ("unknown task 'no_such_task'", "lm-eval ls tasks"),
+                                                           seconds=30, command=[
+        "make", "--no-print-directory", "-o", ".venv/.setup-stamp", "pipeline", "HW=cpu", "DRY_RUN=0",
+        "SET=evaluate.tasks=[no_such_task]"]),
 }
 
 
@@ -386,13 +402,14 @@ def test_bad_input(name, world, capsys, monkeypatch):
                 code = exit_.code
             err = capsys.readouterr().err
     finally:
-        if name == "tracking-read-only-store":
-            store = world.tmp / "read-only" / "mlflow.db"
-            subprocess.run(["chattr", "-i", str(store)], capture_output=True)
+        if name == "tracking-read-only-store" and shutil.which("chattr"):
+            subprocess.run(["chattr", "-i", str(world.tmp / "read-only" / "mlflow.db")], capture_output=True)
     elapsed = time.monotonic() - started
     assert code == case.code, err
     for word in case.words:
         assert word in err, f"{word!r} not in:\n{err}"
+    for word in case.absent:
+        assert word not in err, err
     assert "Traceback (most recent call last)" not in err and "unexpected EOF" not in err, err
     if case.seconds:
         assert elapsed < case.seconds, f"answered after {elapsed:.1f} s"

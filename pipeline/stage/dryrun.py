@@ -25,6 +25,7 @@ from pipeline.models.loading import check_device
 from pipeline.models.tiny import tiny_cache_path
 from pipeline.stage.resolve import default_config_path
 from pipeline.stage.spec import get
+from pipeline.tracking import lineage
 from pipeline.tracking.model_registry import RegisterConfig
 from pipeline.tracking.runs import experiment_name, tracking_uri
 
@@ -112,12 +113,14 @@ def resume_input(resume: str | None) -> list[Item]:
                                                       f"to auto, null, or an existing <output_dir>/checkpoint-N folder")]
 
 
-def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved) -> Item:
+def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved, key: str = "adapter") -> Item:
     if ref is None:
         return Item(what, "none", "the base model alone")
     if repo_path(ref).exists():
         return Item(what, ref, "local folder, exists")
-    return Item(what, ref, f"looked up in the MLflow registry / runs at run time; produced by {make_command(made_by, r)}")
+    linked = ref.startswith("<")  # the pipeline's placeholder for a child not run yet
+    return Item(what, ref, f"looked up in the MLflow registry / runs at run time; produced by {make_command(made_by, r)}",
+                check=None if linked else lambda: lineage.ref_problem(ref, key))
 
 
 def blocking(plans: list[Plan]) -> list[str]:

@@ -55,6 +55,26 @@ def find_adapter(ref: str | None, *, stage: str, model: str, hw: str, key: str =
             "run_id": version.run_id, "version": str(version.version), "tags": dict(version.tags)}
 
 
+def ref_problem(ref: str, key: str) -> str | None:
+    """Whether an adapter reference (a run id, `name@alias`, `name/version`) names something in the store — the
+    pre-check's cheap lookup, nothing downloaded; the problem text naming ``key``, or None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri())
+    try:
+        if "@" in ref:
+            client.get_model_version_by_alias(*ref.split("@", 1))
+        elif "/" in ref:
+            client.get_model_version(*ref.split("/", 1))
+        else:
+            client.get_run(ref)
+    except MlflowException:
+        return (f"`{key}` {ref!r} is not a run, `name@alias` or `name/version` in {tracking_uri()}, nor an adapter "
+                f"folder; check `{key}` (the registered versions and aliases: `make ui` → Models)")
+    return None
+
+
 def _version(client: Any, ref: str | None, *, stage: str, model: str, hw: str, key: str) -> Any:
     if ref and "@" in ref:
         return client.get_model_version_by_alias(*ref.split("@", 1))

@@ -4,7 +4,8 @@ Without it a stage meets a bad store only when it first logs: an unreachable ``M
 minutes (MLflow's client: ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 7, ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 120 s) and then
 prints five tracebacks; a read-only or corrupt ``mlflow.db`` prints hundreds of SQLAlchemy lines. :func:`check_store`
 answers in seconds: an http(s) server is asked once, no retry, a :data:`TIMEOUT_S` timeout; an sqlite file is opened
-read-only with the standard library; a file store's folder is checked for writing. Nothing here imports MLflow. Problems are :class:`~pipeline.core.errors.ConfigError` (exit 2): nothing has run.
+read-only with the standard library; a file store's folder is checked for writing. Nothing here imports MLflow.
+Problems are :class:`~pipeline.core.errors.ConfigError` (exit 2): nothing has run.
 """
 
 from __future__ import annotations
