@@ -79,9 +79,9 @@ def _pool(folder: Path) -> Path:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items).encode()
         (folder / name).write_bytes(data)
         outputs[name] = {"sha256": hashlib.sha256(data).hexdigest(), "rows": len(items)}
-    pools = {"sft": {"tokens": 36}, "pref": {"tokens": 36}}
-    (folder / "manifest.json").write_text(json.dumps({"outputs": outputs, "tokenizer": "tiny-qwen2", "pool": pools}),
-                                          encoding="utf-8")
+    manifest = {"outputs": outputs, "tokenizer": "tiny-qwen2", "pool": {"sft": {"tokens": 36}, "pref": {"tokens": 36}},
+                "mix": {"pref": {"zh_share": 0.7}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
 
@@ -130,7 +130,7 @@ def dry(*sets: str, hw: str = "cpu", check: bool = False) -> list[str]:
 
 
 def write(w: World, name: str, data: bytes) -> str:
-    path = w.tmp / "configs" / name
+    path = w.tmp / "configs" / name.replace("/", "-")
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
     return str(path)
@@ -302,8 +302,9 @@ CASES: dict[str, Callable[[World], Case]] = {
         "is not a parquet file", "replace it with the dataset's own file"), file="train_prefs-00000-of-00001.parquet"),
     "data-every-row-filtered-out": lambda w: Case(prepare.main, [
         "--config", str(w.oasst1), "--hw", "cpu", "--dry-run", "false", "--set", "buckets=[4]", "--set",
-        "mix.sft.curriculum=[]", "--set", f"output_dir={w.out('filtered')}"], ("the sft pool is empty: the length step removed all",
-                                             "raise the last of `buckets`"), code=1, output=w.out("filtered")),
+        "mix.sft.curriculum=[]", "--set", f"output_dir={w.out('filtered')}"],
+        ("the sft pool is empty: the length step removed all", "raise the last of `buckets`"), code=1,
+        output=w.out("filtered")),
     "eval-adapter-that-does-not-exist": lambda w: Case(evaluate.main, dry("adapter=zh-align-sft@nope", check=True), (
         "`adapter` 'zh-align-sft@nope' is not a run, `name@alias` or `name/version`", "check `adapter`")),
     "export-bad-adapter-names-adapter": lambda w: Case(export.main, dry("adapter=no-such-adapter", check=True), (
