@@ -353,6 +353,9 @@ CASES: dict[str, Callable[[World], Case]] = {
     "tracking-unreachable-uri": unreachable_server,
     "tracking-read-only-store": read_only_store,
     "tracking-corrupt-mlflow-db": corrupt_store,
+    "tracking-mlflow-db-that-is-not-sqlite": lambda w: Case(sft.main, dry(), (
+        "not a readable SQLite database (file is not a database)", ".broken"), env={
+        "MLFLOW_TRACKING_URI": f"sqlite:///{write(w, 'notes.db', 'meeting notes, not a store'.encode() * 200)}"}),
     "tracking-store-folder-missing": lambda w: Case(sft.main, dry(), ("does not exist", "mkdir -p"), env={
         "MLFLOW_TRACKING_URI": f"sqlite:///{w.tmp}/no/such/folder/mlflow.db"}),
     # the Makefile

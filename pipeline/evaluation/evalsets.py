@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import importlib.util
 import json
 import os
@@ -346,7 +347,8 @@ def _names_in(text: str) -> set[str]:
     return names
 
 
-def known_task_names() -> set[str]:
+@functools.cache
+def known_task_names() -> frozenset[str]:
     """lm-eval's task, group and tag names read from its task files with a pattern (one to two seconds, then cached
     per lm-eval version; lm-eval's own TaskManager takes 10-20 s). On lm-eval 0.4.13 a superset of every name
     TaskManager indexes; the run checks the names again with TaskManager itself."""
@@ -354,13 +356,13 @@ def known_task_names() -> set[str]:
 
     cache = _cache_dir() / f"lm-eval-{metadata.version('lm_eval')}-names.json"
     if cache.is_file():
-        return set(json.loads(cache.read_text(encoding="utf-8")))
+        return frozenset(json.loads(cache.read_text(encoding="utf-8")))
     names: set[str] = set()
     for path in lm_eval_tasks_dir().rglob("*"):  # YAML, and the extension-less files task YAMLs `include`
         if path.is_file() and path.suffix not in _NOT_TASK_FILES and "__pycache__" not in path.parts:
             names |= _names_in(path.read_text(encoding="utf-8", errors="replace"))
     _write_cache(cache, names)
-    return names
+    return frozenset(names)
 
 
 def _cache_dir() -> Path:
