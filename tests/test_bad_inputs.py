@@ -215,7 +215,7 @@ def mirror(w: World, name: str, files: dict[str, str]) -> Path:
 
 CASES: dict[str, Callable[[World], Case]] = {
     # configs
-    "config-unknown-key": lambda w: Case(sft.main, dry("lora.rr=8"), ("`lora.rr`", "unknown key",
+    "config-unknown-key": lambda w: Case(sft.main, dry("lora.rr=8"), ("`lora.rr` (from --set)", "unknown key",
                                                                      "did you mean `lora.r`?")),
     "config-wrong-type": lambda w: Case(sft.main, dry("train.lr=fast"), ("`train.lr`", "expected a number", "'fast'")),
     "config-negative-lr": lambda w: Case(sft.main, dry("train.lr=-0.0002"), ("`train.lr`", "must be positive")),
@@ -228,8 +228,8 @@ CASES: dict[str, Callable[[World], Case]] = {
                                                                                        "must be in [0, 1]")),
     "config-unknown-profile": lambda w: Case(sft.main, dry(hw="3090"), ("unknown hardware profile '3090'",
                                                                         "valid profiles: 4090, 5090")),
-    "config-unknown-model": lambda w: Case(sft.main, dry("model=qwen2.5-7b"), ("unknown model definition",
-                                                                               "valid models")),
+    "config-unknown-model": lambda w: Case(sft.main, dry("model=qwen2.5-7b"), ("unknown model definition 'qwen2.5-7b'",
+                                                                               "valid models", "qwen2.5-7b-instruct")),
     "config-unknown-loss": lambda w: Case(align.main, dry("loss=kto"), ("`loss`", "expected one of 'orpo', 'dpo'",
                                                                         "'kto'")),
     "config-unknown-loss-flag": lambda w: Case(align.main, ["--loss", "kto", *dry()], ("--loss", "expected one of orpo, "
@@ -355,7 +355,7 @@ CASES: dict[str, Callable[[World], Case]] = {
     "tracking-corrupt-mlflow-db": corrupt_store,
     "tracking-mlflow-db-that-is-not-sqlite": lambda w: Case(sft.main, dry(), (
         "not a readable SQLite database (file is not a database)", ".broken"), env={
-        "MLFLOW_TRACKING_URI": f"sqlite:///{write(w, 'notes.db', 'meeting notes, not a store'.encode() * 200)}"}),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{write(w, 'notes.db', b'meeting notes, not a store' * 200)}"}),
     "tracking-store-folder-missing": lambda w: Case(sft.main, dry(), ("does not exist", "mkdir -p"), env={
         "MLFLOW_TRACKING_URI": f"sqlite:///{w.tmp}/no/such/folder/mlflow.db"}),
     # the Makefile
