@@ -13,12 +13,14 @@ empty pool named by its step), tests/test_evaluate.py (an unknown task or mirror
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ class World:
     truncated: Path                   # the same with sft.jsonl cut short
     one_source: Path                  # prepare config reading one source (ultrafeedback_binarized) from `path`
     oasst1: Path                      # prepare config reading the oasst1 fixture alone
+    guarded: str                      # an http server that answers 401 to everything (a tracking server with auth)
 
     def out(self, name: str) -> Path:
         return self.tmp / "out" / name
@@ -83,6 +86,15 @@ def _pool(folder: Path) -> Path:
                 "mix": {"pref": {"zh_share": 0.7}}}
     (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
+
+
+class Unauthorized(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        self.send_response(401)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +128,10 @@ def world(tmp_path_factory):
                        "path": str(ROOT / "tests" / "fixtures" / "oasst1")}]
     oasst1 = tmp / "prepare-oasst1.yaml"
     oasst1.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    yield World(tmp, db, pool, truncated, one, oasst1)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield World(tmp, db, pool, truncated, one, oasst1, f"http://127.0.0.1:{server.server_port}")
+    server.shutdown()
     mp.undo()
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
@@ -356,6 +371,8 @@ CASES: dict[str, Callable[[World], Case]] = {
     "tracking-mlflow-db-that-is-not-sqlite": lambda w: Case(sft.main, dry(), (
         "not a readable SQLite database (file is not a database)", ".broken"), env={
         "MLFLOW_TRACKING_URI": f"sqlite:///{write(w, 'notes.db', b'meeting notes, not a store' * 200)}"}),
+    "tracking-server-refuses-the-credentials": lambda w: Case(sft.main, dry(), (
+        "refused the credentials (HTTP 401)", "MLFLOW_TRACKING_USERNAME"), env={"MLFLOW_TRACKING_URI": w.guarded}),
     "tracking-store-folder-missing": lambda w: Case(sft.main, dry(), ("does not exist", "mkdir -p"), env={
         "MLFLOW_TRACKING_URI": f"sqlite:///{w.tmp}/no/such/folder/mlflow.db"}),
     # the Makefile
