@@ -170,3 +170,18 @@ def test_check_tasks_suggests_close_names_and_refuses_hub_only_tasks(tmp_path: P
     check_tasks(["cmmlu"], builtin, mirrored=["cmmlu"])  # the caller says it is mirrored (YAMLs written later)
     with pytest.raises(ValueError, match="unknown task 'zh_smok'"):
         check_tasks(["zh_smok"], builtin)
+
+
+def test_the_config_checks_task_names_against_lm_evals_files_without_loading_them():
+    from pipeline.evaluation import evalsets
+
+    text = ('"task": "quoted_key_task"\ngroup: a_group\ntask:\n  - listed_task\n  - task: inline_task\n'
+            "tag: [tag_one, tag_two]\ntag:\n  - block_tag\n# task: commented_out\n")
+    assert evalsets._names_in(text) == {"quoted_key_task", "a_group", "listed_task", "inline_task", "tag_one",
+                                        "tag_two", "block_tag"}
+    known = evalsets.known_task_names()  # every name TaskManager indexes on lm-eval 0.4.13 (checked when written)
+    assert {"hellaswag", "winogrande", "cmmlu", "ceval-valid", "mmlu", "arc_easy", "acp_bench_hard", "RC_tasks",
+            "AraDiCE_ArabicMMLU_high_humanities_history_egy"} <= known  # plain, extension-less include, quoted key
+    assert evalsets.unknown_tasks(["hellaswag", "zh_smoke", "cmmlu"], []) == []
+    (problem,) = evalsets.unknown_tasks(["zh_smok"], [])
+    assert "unknown task 'zh_smok' (did you mean zh_smoke?)" in problem
