@@ -47,14 +47,17 @@ with runs.start_run("sft", r.as_dict(), hw=r.hw.name, model=r.model.name, run_na
 
 
 def stage_env(uri: str, experiment: str) -> dict[str, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    """A stage's environment: this store and experiment, this checkout's package (the stages run in a temporary
+    folder, where a new store's artifacts land in ./mlruns)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         env.pop(key, None)
     return env
 
 
-def writer(name: str, env: dict[str, str], steps: int = STEPS) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, name, str(steps)], cwd=ROOT, env=env,
+def writer(name: str, env: dict[str, str], cwd: Path, steps: int = STEPS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WRITER, name, str(steps)], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -94,9 +97,9 @@ def together(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = stage_env(uri, "together")
     prepare = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "--hw", "cpu", "--dry-run", "false",
-                                "--set", f"output_dir={tmp / 'data'}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                "--set", f"output_dir={tmp / 'data'}"], cwd=tmp, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    done = finish({"prepare": prepare, "sft-a": writer("sft-a", env), "sft-b": writer("sft-b", env)})
+    done = finish({"prepare": prepare, "sft-a": writer("sft-a", env, tmp), "sft-b": writer("sft-b", env, tmp)})
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("together")
     runs = client.search_runs([experiment.experiment_id]) if experiment else []
@@ -123,6 +126,7 @@ def test_every_metric_of_every_run_is_in_the_store(together):
     assert len(prepared.data.metrics) > 20 and prepared.data.tags["licence.noncommercial"] == "true"
     assert {d.dataset.name for d in prepared.inputs.dataset_inputs} == {"sft", "sft_eval", "pref", "pref_eval"}
     assert "data/DATA_CARD.md" in {a.path for a in client.list_artifacts(prepared.info.run_id, "data")}
+    assert str(data.parent) in prepared.info.artifact_uri  # the artifacts stay in the test's folder
     for run in runs:
         if run.data.tags["stage"] == "sft":
             assert_writer_logged_every_step(client, run)

@@ -70,7 +70,7 @@ class Server:
         if not hasattr(self, "family"):
             self.terminate()
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=5)  # a graceful stop; the rest is killed
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
@@ -175,9 +175,9 @@ def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
             thing.stop()
 
 
-def two_stages_at_once(url: str, experiment: str) -> tuple[mlflow.MlflowClient, list]:
+def two_stages_at_once(url: str, experiment: str, cwd: Path) -> tuple[mlflow.MlflowClient, list]:
     env = stage_env(url, experiment)
-    done = finish({name: writer(name, env, STEPS) for name in ("sft-a", "sft-b")})
+    done = finish({name: writer(name, env, cwd, STEPS) for name in ("sft-a", "sft-b")})
     for name, (code, err) in done.items():
         assert code == 0, f"{name} exited {code}:\n{err[-3000:]}"
     client = mlflow.MlflowClient(url)
@@ -190,15 +190,15 @@ def two_stages_at_once(url: str, experiment: str) -> tuple[mlflow.MlflowClient, 
 
 
 def test_two_stages_log_every_metric_through_a_server_on_its_own_sqlite_store(servers, tmp_path):
-    client, runs = two_stages_at_once(servers["sqlite"], "on-sqlite")
+    client, runs = two_stages_at_once(servers["sqlite"], "on-sqlite", tmp_path)
     local = Path(client.download_artifacts(runs[0].info.run_id, "data/卡片.md", str(tmp_path)))
     assert local.read_text(encoding="utf-8") == f"数据卡 {runs[0].info.run_name}"
 
 
-def test_two_stages_log_every_metric_through_a_server_on_postgresql(servers):
+def test_two_stages_log_every_metric_through_a_server_on_postgresql(servers, tmp_path):
     if not servers["postgresql"].startswith("http"):
         pytest.skip(servers["postgresql"])
-    _, runs = two_stages_at_once(servers["postgresql"], "on-postgresql")
+    _, runs = two_stages_at_once(servers["postgresql"], "on-postgresql", tmp_path)
     import psycopg2
 
     with psycopg2.connect(dbname="mlflow", user="mlflow", host=servers["socket"]) as conn, conn.cursor() as cur:
