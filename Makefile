@@ -8,6 +8,8 @@ ENV_MANAGER ?= local
 SET ?=
 LOSS ?= orpo
 PORT ?= 5000
+HOST ?= 127.0.0.1
+DB ?=
 CONFIG ?=
 ROWS ?= 1000000
 ACCEL ?=
@@ -27,7 +29,7 @@ OUT ?= outputs/bench-gpu
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull rerun ui screenshots test lint clean
+.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull rerun ui server screenshots test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -140,6 +142,9 @@ rerun: $(STAMP) ## re-run the finished stage or pipeline run RUN_ID from what it
 
 ui: $(STAMP) ## serve the MLflow UI for this project's store on 127.0.0.1:PORT
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)
+
+server: $(STAMP) ## an MLflow tracking server on HOST:PORT with its own store (DB=postgresql://… for a lab); prints the URI to export
+	@MLFLOW_BACKEND_STORE_URI='$(DB)' $(PY) -m pipeline.server --host '$(HOST)' --port '$(PORT)'
 
 screenshots: $(STAMP) ## retake docs/img/*.png, the README's MLflow UI screenshots (after make demo; needs Debian's chromium)
 	$(PY) docs/screenshots.py

@@ -88,9 +88,13 @@ def build_tiny(model: ModelDef, out: Path) -> Path:
             bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id)
         net.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists() and not (out / "model.safetensors").is_file():
+            shutil.rmtree(out)  # an incomplete folder
+        try:
+            tmp.rename(out)
+        except OSError:  # another process built the same model meanwhile (same key, same bytes): keep its copy
+            if not (out / "model.safetensors").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("built tiny model %s in %s", model.name, out)

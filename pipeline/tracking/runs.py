@@ -29,6 +29,7 @@ from pipeline.core.errors import StageError
 from pipeline.core.paths import ROOT
 from pipeline.core.runtime import rank
 from pipeline.core.secrets import REDACTED, is_secret, redact
+from pipeline.tracking.retry import first_use, retry_locked
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
+    first_use(tracking_uri())  # a new sqlite store: one process at a time creates it
     owned = mlflow.active_run() is None
     if owned:
         run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -143,6 +145,7 @@ def _close(mlflow: Any, handler: logging.Handler, logdir: Path, stage: str, owne
 
 
 @rank0
+@retry_locked
 def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
     import mlflow
 
@@ -152,6 +155,7 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
 
 
 @rank0
+@retry_locked
 def log_text(text: str, artifact_file: str) -> None:
     import mlflow
 
@@ -159,6 +163,7 @@ def log_text(text: str, artifact_file: str) -> None:
 
 
 @rank0
+@retry_locked
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
 
@@ -166,6 +171,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 
 
 @rank0
+@retry_locked
 def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
@@ -173,6 +179,7 @@ def set_tags(tags: Mapping[str, Any]) -> None:
 
 
 @rank0
+@retry_locked
 def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> None:
     import mlflow
 
@@ -181,6 +188,7 @@ def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> No
 
 
 @rank0
+@retry_locked
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     import mlflow
 
@@ -188,6 +196,7 @@ def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
 
 
 @rank0
+@retry_locked
 def log_table(columns: Mapping[str, list], artifact_file: str) -> None:
     """A table (equal-length columns) that `mlflow ui` shows in its artifact view and its evaluation tab."""
     import mlflow
@@ -196,6 +205,7 @@ def log_table(columns: Mapping[str, list], artifact_file: str) -> None:
 
 
 @rank0
+@retry_locked
 def log_file_input(path: Path, *, name: str, digest: str, context: str, tags: Mapping[str, Any] | None = None) -> None:
     """Record a file the run produced or read as a dataset input of the run (name, digest, where it lies)."""
     import mlflow
@@ -217,6 +227,7 @@ def has_run() -> bool:
 
 
 @rank0
+@retry_locked
 def log_to_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str], files: Iterable[Path],
                artifact_path: str) -> None:
     """Metrics, tags and files onto another (finished) run: a training run receives its evaluation."""
