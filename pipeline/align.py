@@ -36,7 +36,7 @@ from pipeline.stage.dryrun import (
 from pipeline.stage.resolve import resolve
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, lineage, runs
-from pipeline.training import preference
+from pipeline.training import checkpoints, preference
 from pipeline.training import trainer as T
 from pipeline.training.config import TrainConfig, TrainingStageConfig
 
@@ -90,7 +90,8 @@ def plan(r: Resolved) -> Plan:
         ("schedule", f"{t.epochs} epochs, lr {t.lr}, {t.scheduler}, warmup {t.warmup_ratio}, "
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
         log_backend_fact(cfg.log_backend),
-    ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r)],
+    ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r),
+               *(Item(*x) for x in checkpoints.planned(cfg.output_dir, t.resume))],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)],
        estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,
                                  max_steps=t.max_steps, save_total_limit=t.save_total_limit,
@@ -137,7 +138,8 @@ def run(r: Resolved) -> AlignResult:
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
                    shortfall=(report["shortfall"] or {}).get("action", "none"))
-        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out, start["folder"]), out, tags)
+        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out, start["folder"]), out, tags,
+                     pool)
     return AlignResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, start["source"], done.registered)
 
 

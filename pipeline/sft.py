@@ -22,6 +22,7 @@ from pipeline.stage import cli
 from pipeline.stage.dryrun import Item, Plan, base_model_input, data_input, dir_output, log_backend_fact, registry_output
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, runs
+from pipeline.training import checkpoints
 from pipeline.training import trainer as T
 from pipeline.training.config import TrainConfig, TrainingStageConfig
 
@@ -66,7 +67,8 @@ def plan(r: Resolved) -> Plan:
                         f"{t.resume or 'off'}; early stopping "
                         f"{f'after {t.early_stopping_patience} evals' if t.early_stopping_patience else 'off'}"),
         log_backend_fact(cfg.log_backend),
-    ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r)],
+    ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r),
+               *(Item(*x) for x in checkpoints.planned(cfg.output_dir, t.resume))],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),
                 Item("adapter", f"{cfg.output_dir}/adapter", "safetensors + tokenizer + chat template"),
                 registry_output(cfg.register)],
@@ -88,7 +90,7 @@ def run(r: Resolved) -> SftResult:
     with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report)
-        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags)
+        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags, pool)
     return SftResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, done.registered)
 
 
