@@ -6,8 +6,8 @@ launcher is killed stops itself, its run KILLED, no process left; a pipeline res
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
