@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def supervise(name: str, fn: Callable[[], Any], *, trains: bool = False) -> int:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def guarded(fn: Callable[[], Any], on_error: Callable[[BaseException], Any] | None = None) -> int:
