@@ -164,7 +164,6 @@ def test_a_signal_ends_the_run_killed_naming_it_and_stops_the_processes_under_it
     assert 'SET="train.resume=auto"' in run.data.tags["killed_reason"]
     assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
     child.wait(timeout=10)
-    assert signal.getsignal(signum) is not None and signal.getsignal(signum) != process._Supervisor.on_signal
 
 
 def test_every_run_carries_its_pid_host_heartbeat_and_output_folder(store, tmp_path):
@@ -228,3 +227,15 @@ def test_an_early_failure_leaves_error_stage_and_log_on_the_mlflow_run_run(store
     assert run.data.tags["pid"] == str(os.getpid())
     log = _artifact_texts(client, launched.info.run_id)["logs/sft.log"]
     assert "error: StageError: `data.path`" in log
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored_and_the_handlers_come_back():
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        term = signal.getsignal(signal.SIGTERM)
+        with process.supervised():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # closing the terminal does not stop the stage
+            assert signal.getsignal(signal.SIGTERM) is not term
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -150,12 +150,14 @@ class _Supervisor:
 @contextlib.contextmanager
 def supervised() -> Iterator[None]:
     """Signals end the stage (children first, then :class:`Interrupted`) and a dead launcher stops it; both undone on
-    leaving (a stage called in-process, as tests do, leaves the caller's handlers as they were)."""
+    leaving (a stage called in-process, as tests do, leaves the caller's handlers as they were). A signal ignored when
+    the stage started (``nohup``: SIGHUP) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     sup, done = _Supervisor(), threading.Event()
-    before = {s: signal.signal(s, sup.on_signal) for s in SIGNALS}
+    # a signal the stage was started ignoring stays ignored: SIGHUP under nohup, SIGINT in a background job
+    before = {s: signal.signal(s, sup.on_signal) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     chain = launcher_chain()
     if chain:
         threading.Thread(target=sup.watch, args=(chain, done), daemon=True, name="zh-align-launcher-watch").start()
