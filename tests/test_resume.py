@@ -234,3 +234,20 @@ def test_a_pipeline_resumed_after_a_killed_child_continues_it_and_refuses_a_live
         ["data.run_id=p1", "train.resume=auto"]
     with pytest.raises(ConfigError):
         checkpoints.planned(str(work), str(work / "nowhere"))
+
+
+def test_align_cut_short_after_a_checkpoint_resumes_to_the_uninterrupted_adapter(pool, reference, work):
+    """align shares sft's resume: ORPO from the reference's SFT adapter, continued from its step-2 checkpoint."""
+    def run(out: Path, *sets: str):
+        return align.run(resolve("align", hw="cpu", variant="orpo", overrides=parse_overrides([
+            f"data.path={pool}", f"output_dir={out}", f"start_from={reference / 'adapter'}", "hw.micro_batch=2",
+            "hw.grad_accum=1", "train.max_steps=4", "train.save_steps=2", "train.eval_steps=100",
+            "register.name=zh-align-resume-orpo", *sets])))
+
+    whole = run(work / "align-whole")
+    shutil.copytree(work / "align-whole" / "checkpoint-2", work / "align-cut" / "checkpoint-2")  # as a kill leaves it
+    resumed = run(work / "align-cut", "train.resume=auto")
+    a, b = tensors(Path(whole.adapter)), tensors(Path(resumed.adapter))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    with pytest.raises(StageError, match=r"start_from: .* → .*"):  # another start point is other settings
+        run(work / "align-cut", "train.resume=auto", f"start_from={work / 'align-whole' / 'adapter'}")
