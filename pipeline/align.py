@@ -92,7 +92,7 @@ def plan(r: Resolved) -> Plan:
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
         log_backend_fact(cfg.log_backend),
     ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r),
-               *resume_input(t.resume)],
+               *resume_input(cfg.output_dir, t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)],
        estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,
                                  max_steps=t.max_steps, save_total_limit=t.save_total_limit,
@@ -139,7 +139,8 @@ def run(r: Resolved) -> AlignResult:
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
                    shortfall=(report["shortfall"] or {}).get("action", "none"))
-        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out, start["folder"]), out, tags)
+        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out, start["folder"]), out, tags,
+                     pool)
     return AlignResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, start["source"], done.registered)
 
 

@@ -16,6 +16,7 @@ parameters (overrides and upstream run ids) from the same git commit, and runs t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -51,9 +52,9 @@ class Chain:
         """The stage's overrides plus its links to the run ids of the stages before it."""
         return [*self.overrides[stage], *((key, ids[source]) for key, source in get(stage).links.items())]
 
-    def parameters(self, stage: str, ids: dict[str, str]) -> dict[str, str]:
-        """The `mlflow run` parameters of one child."""
-        overrides = " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in self.linked(stage, ids))
+    def parameters(self, stage: str, ids: dict[str, str], extra: tuple[tuple[str, Any], ...] = ()) -> dict[str, str]:
+        """The `mlflow run` parameters of one child (``extra``: overrides after its own, e.g. to resume it)."""
+        overrides = " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in [*self.linked(stage, ids), *extra])
         return get(stage).parameters(hw=self.hw, overrides=overrides, variant=self.variants.get(stage) or "",
                                      accel=self.accel)
 
@@ -118,14 +119,18 @@ def run(c: Chain) -> PipelineResult:
                 reused.append(stage.name)
                 runs.set_tags({f"reused.{stage.name}": "true"})
             else:
+                if continuable(earlier.get(stage.name), params, stage):
+                    log.info("pipeline: %s was cut short in run %s: continuing its newest whole checkpoint",
+                             stage.name, earlier[stage.name]["run_id"])
+                    params = c.parameters(stage.name, ids, RESUME_TRAINING)
                 log.info("pipeline: starting %s", stage.name)
                 run_id, status = runs.run_entry_point(stage.name, params, run_name=f"{stage.name}-{c.hw}")
             ids[stage.name] = run_id
             runs.set_tags({f"child.{stage.name}": run_id})
             runs.log_metrics({f"{stage.name}/wall_seconds": time.monotonic() - started})
             child = runs.get_run(run_id)
-            if status != "FINISHED":
-                failed(stage.name, run_id, status, child, ids)
+            if status != "FINISHED":  # FAILED or KILLED
+                failed(stage.name, run_id, status, child, ids, parent.info.run_id if parent else "")
             runs.log_metrics({f"{stage.name}/{k}": v for k, v in child.data.metrics.items()
                               if k.startswith(stage.key_metrics)})
         summary = {**lineage.chain_summary(ids), "hw": c.hw, **c.variant_choices(), "reused": reused}
@@ -135,23 +140,38 @@ def run(c: Chain) -> PipelineResult:
     return result
 
 
-def failed(stage: str, run_id: str, status: str, child: Any, ids: dict[str, str]) -> None:
+def failed(stage: str, run_id: str, status: str, child: Any, ids: dict[str, str], parent: str = "") -> None:
     """Fail the parent naming the child, its error, the finished children and how to go on."""
     error = child.data.tags.get("error", "see the child's logs/ artifact")
     done = ", ".join(f"{s} {i}" for s, i in ids.items() if s != stage) or "none"
+    again = f"`make pipeline … RESUME={parent}` (finished children are reused, a cut-short training continues its " \
+            f"checkpoint)" if parent else "the whole pipeline again"
     raise StageError(f"stage {stage} failed (child run {run_id}, {status}): {error}. Finished children: {done}; fix "
-                     f"the cause, then run `make {stage}` alone with their run ids "
-                     f"({', '.join(f'{k}=<{v} id>' for k, v in get(stage).links.items())}) or the whole pipeline again")
+                     f"the cause, then run {again}, or `make {stage}` alone with their run ids "
+                     f"({', '.join(f'{k}=<{v} id>' for k, v in get(stage).links.items())})")
+
+
+RESUME_TRAINING = (("train.resume", "auto"),)
 
 
 def reusable(child: dict[str, Any] | None, params: dict[str, str], sha: str) -> str | None:
     """The id of an earlier child that can stand in for this stage: FINISHED, launched with exactly these parameters
     (so its upstream links are the same runs) from the same git commit ``sha``."""
-    if not child or child["status"] != "FINISHED":
-        return None
-    if any(_words(child["params"].get(k, "")) != _words(v) for k, v in params.items()):
+    if not child or child["status"] != "FINISHED" or not _same(child, params):
         return None
     return child["run_id"] if child["git_sha"] == sha else None
+
+
+def continuable(child: dict[str, Any] | None, params: dict[str, str], stage: Any) -> bool:
+    """Whether an earlier child of a training stage was cut short (FAILED or KILLED) under exactly these parameters,
+    so that running it again continues its newest whole checkpoint (``train.resume=auto``; the checkpoint's
+    fingerprint still refuses other settings)."""
+    trains = "train" in {f.name for f in dataclasses.fields(stage.config)}
+    return bool(child) and trains and child["status"] in ("FAILED", "KILLED") and _same(child, params)
+
+
+def _same(child: dict[str, Any], params: dict[str, str]) -> bool:
+    return all(_words(child["params"].get(k, "")) == _words(v) for k, v in params.items())
 
 
 def _words(value: str) -> list[str]:
@@ -212,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             precheck([get(r.stage).plan(r) for r in c.resolved])
         print(page(c)) if args.dry_run else run(c)
 
-    return cli.guarded(go)
+    return cli.supervise("pipeline", go)
 
 
 if __name__ == "__main__":

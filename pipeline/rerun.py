@@ -76,9 +76,9 @@ def prepare_rerun(run_id: str, out: Path = RERUN_DIR) -> Rerun:
         raise StageError(f"run {run_id} is a {stage or 'untagged'} run; only the runs of {', '.join(names())} and "
                          f"pipeline runs can be re-run")
     if status != "FINISHED":
-        how = "`make pipeline RESUME=<id>`" if stage == "pipeline" else "`SET=train.resume=auto` (training stages)"
-        raise StageError(f"run {run_id} ({stage}) is {status}; only FINISHED runs are re-run (continue a failed one "
-                         f"with {how})")
+        how = "`make pipeline RESUME=<id>`" if stage == "pipeline" else "`SET=\"train.resume=auto\"` (training stages)"
+        raise StageError(f"run {run_id} ({stage}) is {status}; only FINISHED runs are re-run (continue a failed or "
+                         f"killed one with {how})")
     if stage == "pipeline":
         return _pipeline_rerun(run, out)
     spec = get(stage)

@@ -76,7 +76,7 @@ def plan(r: Resolved) -> Plan:
                         f"{f'after {t.early_stopping_patience} evals' if t.early_stopping_patience else 'off'}"),
         log_backend_fact(cfg.log_backend),
     ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r),
-               *resume_input(t.resume)],
+               *resume_input(cfg.output_dir, t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),
                 Item("adapter", f"{cfg.output_dir}/adapter", "safetensors + tokenizer + chat template"),
                 registry_output(cfg.register)],
@@ -98,7 +98,7 @@ def run(r: Resolved) -> SftResult:
     with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report)
-        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags)
+        done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags, pool)
     return SftResult(cfg.output_dir, str(done.adapter), done.steps, done.final_loss, done.registered)
 
 

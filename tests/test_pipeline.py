@@ -195,7 +195,7 @@ def test_a_failed_child_fails_the_parent_naming_the_stage_and_its_run(mlflow_sto
     assert child.data.tags["stage"] == "prepare" and child.info.run_id in parent.data.tags["error"]
     assert "sft" not in {r.data.tags["stage"] for r in runs}  # nothing after the failed stage started
     assert rerun.main(["--run-id", parent.info.run_id, "--dry-run", "--out", str(tmp_path / "rerun")]) == 1
-    assert "is FAILED; only FINISHED runs are re-run (continue a failed one with `make pipeline RESUME=<id>`)" in \
+    assert "is FAILED; only FINISHED runs are re-run (continue a failed or killed one with `make pipeline RESUME=<id>`)" in \
         capsys.readouterr().err
 
 

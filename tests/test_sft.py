@@ -1,5 +1,5 @@
 """The sft stage on the tiny model (CPU, offline): loss falls, assistant-only labels, the sampler's order, metrics
-and the registered adapter in MLflow, resume, and the errors that must come before any loading."""
+and the registered adapter in MLflow, and the errors that must come before any loading (resume: test_resume.py)."""
 
 from __future__ import annotations
 
@@ -110,23 +110,6 @@ def test_a_run_logs_its_metrics_and_registers_the_adapter(pool, tmp_path, mlflow
     model = mlflow.pyfunc.load_model("models:/zh-align-sft@candidate")
     out = model.predict(["你好，请介绍一下你自己。"])
     assert len(out) == 1 and isinstance(out[0], str)
-
-
-def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(pool, tmp_path, mlflow_store):
-    import shutil
-
-    from safetensors.torch import load_file
-
-    sets = ("train.max_steps=4", "train.save_steps=2", "train.eval_steps=100", "register.name=zh-align-resume")
-    whole = sft.run(resolved(pool, tmp_path / "a", *sets))
-    sft.run(resolved(pool, tmp_path / "b", *sets))
-    shutil.rmtree(tmp_path / "b" / "checkpoint-4")  # as if the run had died after step 2
-    resumed = sft.run(resolved(pool, tmp_path / "b", *sets, "train.resume=auto"))
-    a = load_file(Path(whole.adapter) / "adapter_model.safetensors")
-    b = load_file(Path(resumed.adapter) / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
-    fresh = load_file(tmp_path / "a" / "checkpoint-2" / "adapter_model.safetensors")
-    assert any((a[k] - fresh[k]).abs().max() > 0 for k in a)  # the last two steps did change the adapter
 
 
 @pytest.mark.parametrize("sets,message", [

@@ -1,20 +1,26 @@
-"""tracking/runs.py on a temporary sqlite store: start/attach, FAILED on error, limits, secrets, `mlflow run -e plan`."""
+"""tracking/runs.py on a temporary sqlite store: start/attach, FAILED on error, limits, secrets, `mlflow run -e plan`;
+signals end a run KILLED, runs left RUNNING by dead processes are closed, early failures reach the launched run."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.core import process
 from pipeline.core.paths import ROOT
 from pipeline.core.secrets import REDACTED
 from pipeline.stage.resolve import resolve
+from pipeline.tracking import liveness
 from pipeline.tracking import runs as tracking
 
 SECRET = "hf_THIS_MUST_NOT_LEAK_42"
@@ -125,3 +131,111 @@ def test_mlflow_run_of_the_plan_entry_point_leaves_a_finished_run(mlflow_store, 
     texts = _artifact_texts(client, run.info.run_id)
     assert {f"resolved/{s}.yaml" for s in ("prepare", "sft", "align", "evaluate", "export")} <= set(texts)
     assert "━━ export ━━" in texts["plan.txt"] and "resolved_config.yaml" in texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs that tell the truth: signals, dead processes, early failures
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def store(module_store, monkeypatch):
+    """One sqlite store for the tests below (a fresh one costs seconds of migrations each), an experiment per test."""
+    monkeypatch.chdir(module_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"truth-{time.monotonic_ns()}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_the_run_killed_naming_it_and_stops_the_processes_under_it(store, signum):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a worker / rank / child stage
+    worker = psutil.Process(child.pid)
+    with pytest.raises(process.Interrupted) as caught, process.supervised():
+        _, ctx = _run_stage()
+        with ctx as active:
+            os.kill(os.getpid(), signum)
+            time.sleep(30)  # the handler raises in this thread long before
+    assert caught.value.exit_code == 128 + signum
+    run = MlflowClient().get_run(active.info.run_id)
+    name = signal.Signals(signum).name
+    assert run.info.status == "KILLED" and run.data.tags["error"] == f"killed by {name}"
+    assert 'SET="train.resume=auto"' in run.data.tags["killed_reason"]
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    child.wait(timeout=10)
+
+
+def test_every_run_carries_its_pid_host_heartbeat_and_output_folder(store, tmp_path):
+    config = {"config": {"output_dir": str(tmp_path / "out"), "train": {"resume": None}}}
+    before = time.time()
+    with tracking.start_run("sft", config, hw="cpu", model="tiny-qwen2") as active:
+        tracking.heartbeat()
+    tags = MlflowClient().get_run(active.info.run_id).data.tags
+    assert tags["pid"] == str(os.getpid()) and tags["host"] == process.host()
+    assert float(tags["pid.started"]) == pytest.approx(process.started(), abs=1e-3)
+    assert before - 1 <= float(tags["heartbeat"]) <= time.time() + 1
+    assert tags["output_dir"] == str(tmp_path / "out")
+
+
+def test_a_stage_closes_runs_of_its_output_folder_left_running_by_dead_processes_only(store, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    out = str(tmp_path / "out")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = {"stage": "sft", "output_dir": out, "host": process.host(), "heartbeat": f"{time.time():.0f}"}
+    me = {"pid": str(os.getpid()), "pid.started": f"{process.started():.3f}"}
+    stale = f"{time.time() - 2 * liveness.STALE_AFTER_S:.0f}"
+    cases = {
+        "dead pid": ({**here, "pid": str(dead.pid), "pid.started": "1.0"}, "KILLED"),
+        "pid reused by another process": ({**here, **me, "pid.started": "12345.0"}, "KILLED"),
+        "live process": ({**here, **me}, "RUNNING"),
+        "other host, stale heartbeat": ({**here, "pid": "1", "host": "gpu-box-7", "heartbeat": stale}, "KILLED"),
+        "other host, fresh heartbeat": ({**here, "pid": "1", "host": "gpu-box-7"}, "RUNNING"),
+        "other output folder": ({**here, "pid": str(dead.pid), "output_dir": str(tmp_path / "elsewhere")}, "RUNNING"),
+        "other stage": ({**here, "pid": str(dead.pid), "stage": "align"}, "RUNNING"),
+        "no pid (not ours to judge)": ({"stage": "sft", "output_dir": out}, "RUNNING"),
+    }
+    ids = {name: client.create_run(exp, tags=tags).info.run_id for name, (tags, _) in cases.items()}
+    config = {"config": {"output_dir": out, "train": {"resume": None}}}
+    with tracking.start_run("sft", config, hw="cpu", model="tiny-qwen2") as active:
+        pass
+    for name, (_, expected) in cases.items():
+        run = client.get_run(ids[name])
+        assert run.info.status == expected, name
+        if expected == "KILLED":
+            reason = run.data.tags["killed_reason"]
+            assert f"found by the sft run {active.info.run_id}" in reason and 'SET="train.resume=auto"' in reason
+    assert "is gone" in client.get_run(ids["dead pid"]).data.tags["killed_reason"]
+    assert "no heartbeat from gpu-box-7 for 30 min" in client.get_run(ids["other host, stale heartbeat"]).data.tags[
+        "killed_reason"]
+
+
+def test_an_early_failure_leaves_error_stage_and_log_on_the_mlflow_run_run(store, monkeypatch, tmp_path,
+                                                                              capsys):
+    from pipeline import sft
+
+    client = MlflowClient()
+    launched = client.create_run(client.create_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"]))  # as `mlflow run`
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched.info.run_id)
+    assert sft.main(["--hw", "cpu", "--dry-run", "false", "--set", f"data.path={tmp_path / 'no-pool'}"]) == 1
+    assert "holds no prepared pool" in capsys.readouterr().err
+    run = client.get_run(launched.info.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["stage"] == "sft" and "holds no prepared pool" in run.data.tags["error"]
+    assert run.data.tags["pid"] == str(os.getpid())
+    log = _artifact_texts(client, launched.info.run_id)["logs/sft.log"]
+    assert "error: StageError: `data.path`" in log
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored_and_the_handlers_come_back():
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        term = signal.getsignal(signal.SIGTERM)
+        with process.supervised():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN  # closing the terminal does not stop the stage
+            assert signal.getsignal(signal.SIGTERM) is not term
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import CONFIGS
+from pipeline.core.process import Interrupted, supervised
 from pipeline.core.profiles import DEFAULT_HW, apply_hub_env
 from pipeline.core.runtime import launched, rank
 from pipeline.core.strict import parse_overrides
 from pipeline.stage.dryrun import precheck, render
 from pipeline.stage.resolve import resolve
 from pipeline.stage.spec import Stage, variant_flags
+from pipeline.tracking import runs
 from pipeline.tracking.preflight import check_store
 
 log = logging.getLogger("pipeline")
@@ -116,20 +121,52 @@ def main(stage: Stage, argv: list[str] | None = None) -> int:
         else:
             log.info("%s finished: %s", stage.name, stage.run(resolved))
 
-    return guarded(go)
+    return supervise(stage.name, go, trains=_trains(stage))
 
 
-def guarded(fn: Callable[[], Any]) -> int:
-    """Run ``fn`` under the exit-code contract: 0 done; a StageError is printed, exit 1; a ConfigError, exit 2. The one
-    place an error becomes an exit code."""
+def _trains(stage: Stage) -> bool:
+    """Whether the stage continues from checkpoints (``train.resume``): the hint a cut-short run gives."""
+    from dataclasses import fields
+
+    return any(f.name == "train" for f in fields(stage.config))
+
+
+def supervise(name: str, fn: Callable[[], Any], *, trains: bool = False) -> int:
+    """:func:`guarded` for a stage or the pipeline: signals end it (children first, run KILLED), a dead launcher stops
+    it, and an error that came before its run was attached still reaches the run `mlflow run` created (``error`` and
+    ``stage`` tags, the log so far under ``logs/``)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"zh-align-{name}-early-"))
+    handler = logging.FileHandler(folder / f"{name}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+    def failed(err: BaseException) -> None:
+        handler.flush()
+        runs.record_failure(name, err, folder / f"{name}.log", trains)
+
+    try:
+        with supervised():
+            return guarded(fn, on_error=failed)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def guarded(fn: Callable[[], Any], on_error: Callable[[BaseException], Any] | None = None) -> int:
+    """Run ``fn`` under the exit-code contract: 0 done; a StageError is printed, exit 1; a ConfigError, exit 2; a
+    signal, 128 + its number. The one place an error becomes an exit code. ``on_error`` sees every error first."""
     try:
         fn()
-    except ConfigError as err:
+    except (ConfigError, StageError, Interrupted) as err:
+        if on_error:
+            on_error(err)
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code if isinstance(err, Interrupted) else 2 if isinstance(err, ConfigError) else 1
+    except Exception as err:  # a bug: its traceback is the report, and the run says what it was
+        if on_error:
+            on_error(err)
+        raise
     return 0
 
 

@@ -28,6 +28,7 @@ from pipeline.stage.spec import get
 from pipeline.tracking import lineage
 from pipeline.tracking.model_registry import RegisterConfig
 from pipeline.tracking.runs import experiment_name, tracking_uri
+from pipeline.training import checkpoints
 
 
 @dataclass
@@ -101,16 +102,13 @@ def _pool_problem(ref: DataRef, files: tuple[str, ...]) -> str | None:
     return None
 
 
-def resume_input(resume: str | None) -> list[Item]:
-    """`train.resume`: nothing, auto (the newest checkpoint in output_dir), or a checkpoint folder that must exist."""
-    if not resume:
-        return []
-    if resume == "auto":
-        return [Item("resume", "auto", "the newest complete checkpoint in output_dir, if any (else a fresh start)")]
-    if Path(resume).is_dir() or repo_path(resume).is_dir():
-        return [Item("resume", resume, "checkpoint folder, exists")]
-    return [Item("resume", resume, "MISSING", problem=f"`train.resume` {resume!r} is not a checkpoint folder; set it "
-                                                      f"to auto, null, or an existing <output_dir>/checkpoint-N folder")]
+def resume_input(output_dir: str, resume: str | None) -> list[Item]:
+    """`train.resume`: nothing; auto → the newest whole checkpoint in output_dir (else a fresh start); a path → a whole
+    checkpoint, which must exist (a problem the pre-check refuses)."""
+    try:
+        return [Item(*found) for found in checkpoints.planned(output_dir, resume)]
+    except ConfigError as err:
+        return [Item("resume from", str(resume), "MISSING", problem=str(err))]
 
 
 def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved, key: str = "adapter") -> Item:

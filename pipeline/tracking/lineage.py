@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import StageError
+from pipeline.tracking import liveness
 from pipeline.tracking.model_registry import registered_models
 from pipeline.tracking.runs import experiment_name, get_run, tracking_uri
 
@@ -127,7 +128,14 @@ def pipeline_children(run_id: str) -> dict[str, dict[str, Any]]:
     for stage, child_id in ((k.removeprefix("child."), v) for k, v in parent.data.tags.items()
                             if k.startswith("child.")):
         child = get_run(child_id)
-        children[stage] = {"run_id": child_id, "status": child.info.status, "params": dict(child.data.params),
+        status = child.info.status
+        if status == "RUNNING":  # left RUNNING by a process that died: KILLED; a live one is not to be raced
+            if liveness.gone(child.data.tags) is None and "pid" in child.data.tags:
+                raise StageError(f"--resume {run_id}: its {stage} child {child_id} is still running (pid "
+                                 f"{child.data.tags.get('pid', '?')} on {child.data.tags.get('host', '?')}); wait for "
+                                 f"it to end or stop it, then resume")
+            status = "KILLED"
+        children[stage] = {"run_id": child_id, "status": status, "params": dict(child.data.params),
                            "git_sha": child.data.tags.get("git.sha", "")}
     return children
 

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,9 +27,11 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import StageError
-from pipeline.core.paths import ROOT
+from pipeline.core.paths import ROOT, repo_path
+from pipeline.core.process import Interrupted
 from pipeline.core.runtime import rank
 from pipeline.core.secrets import REDACTED, is_secret, redact
+from pipeline.tracking import liveness
 from pipeline.tracking.retry import first_use, retry_locked
 
 log = logging.getLogger(__name__)
@@ -119,29 +122,72 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
     handler = logging.FileHandler(logdir / f"{stage}.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    output, trains = _output_dir(config), "resume" in dict(config.get("config") or {}).get("train", {})
+    client = mlflow.MlflowClient(tracking_uri())
+    heart = liveness.Heartbeat(client, active.info.run_id)
     try:
         mlflow.set_tags({"stage": stage, "hw": hw, "model": model, "dry_run": str(dry_run).lower(),
-                         **git_state(), **(tags or {})})
+                         **git_state(), **liveness.identity(output), **(tags or {})})
+        _sweep(client, active, stage, output, trains)
         log_params(config)
         log_params(environment(), prefix="env.")
         log_text(yaml.safe_dump(redact(dict(config)), allow_unicode=True, sort_keys=False), "resolved_config.yaml")
         log_text(pip_freeze(), "environment/pip-freeze.txt")
         yield active
     except BaseException as err:
-        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:MAX_VALUE])
-        _close(mlflow, handler, logdir, stage, owned, "FAILED")
+        killed = isinstance(err, Interrupted)
+        mlflow.set_tag("error", (str(err) if killed else f"{type(err).__name__}: {err}")[:MAX_VALUE])
+        if killed:
+            mlflow.set_tag("killed_reason", f"{err}; {liveness.how_to_go_on(stage, active.data.tags, trains)}")
+        _close(mlflow, handler, logdir, stage, owned, "KILLED" if killed else "FAILED", heart)
         raise
-    _close(mlflow, handler, logdir, stage, owned, "FINISHED")
+    _close(mlflow, handler, logdir, stage, owned, "FINISHED", heart)
 
 
-def _close(mlflow: Any, handler: logging.Handler, logdir: Path, stage: str, owned: bool, status: str) -> None:
+def _output_dir(config: Mapping[str, Any]) -> str | None:
+    """The stage's output folder (resolved), from its resolved config; None for a command without one."""
+    folder = dict(config.get("config") or {}).get("output_dir")
+    return str(repo_path(folder)) if folder else None
+
+
+def _sweep(client: Any, active: Any, stage: str, output: str | None, trains: bool) -> None:
+    try:
+        liveness.sweep(client, active.info.experiment_id, stage, output, active.info.run_id, trains)
+    except Exception as err:  # looking at other runs never fails this one
+        log.warning("could not look for runs left RUNNING by dead processes: %s", err)
+
+
+def _close(mlflow: Any, handler: logging.Handler, logdir: Path, stage: str, owned: bool, status: str,
+           heart: liveness.Heartbeat) -> None:
+    heart.stop()
     logging.getLogger().removeHandler(handler)
     handler.close()
     try:
+        mlflow.set_tag("heartbeat", f"{time.time():.0f}")
         mlflow.log_artifact(str(logdir / f"{stage}.log"), "logs")
     finally:
         if owned:
             mlflow.end_run(status)
+
+
+@rank0
+def heartbeat() -> None:
+    """``heartbeat`` = now on the open run (each logging step): a run whose heartbeat stops is a dead one."""
+    if has_run():
+        import mlflow
+
+        liveness.beat(mlflow.MlflowClient(tracking_uri()), mlflow.active_run().info.run_id)
+
+
+@rank0
+def record_failure(stage: str, err: BaseException, log_file: Path | None, trains: bool) -> bool:
+    """An error or signal before the stage's run was attached or closed: onto the run ``mlflow run`` created."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return False
+    import mlflow
+
+    return liveness.record_failure(mlflow.MlflowClient(tracking_uri()), run_id, stage, err, log_file, trains)
 
 
 @rank0
@@ -224,6 +270,11 @@ def has_run() -> bool:
     has no run open: a process without it (``make bench`` on a GPU box) trains all the same."""
     mlflow = sys.modules.get("mlflow")
     return mlflow is not None and mlflow.active_run() is not None
+
+
+def current_run_id() -> str | None:
+    """The id of the run open here (None: none, or a rank other than 0)."""
+    return sys.modules["mlflow"].active_run().info.run_id if has_run() else None
 
 
 @rank0

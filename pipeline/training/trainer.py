@@ -22,6 +22,7 @@ from pipeline.data.prepared import Pool
 from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path
 from pipeline.tracking import model_registry, runs
+from pipeline.training import checkpoints
 from pipeline.training.config import TrainConfig
 from pipeline.training.preference import logit_chunk
 from pipeline.training.probes import generations
@@ -54,12 +55,20 @@ class Fitted:
     registered: str | None      # models:/NAME@alias (None on ranks other than 0)
 
 
-def fit(r: Resolved, stage: str, build: Any, out: Path, tags: dict[str, str]) -> Fitted:
-    """Build the trainer, train (resuming if asked), save the adapter with its tokenizer, then on rank 0 log the
-    generations table and register the adapter with its lineage tags. Out of memory anywhere → the profile hint."""
+def fit(r: Resolved, stage: str, build: Any, out: Path, tags: dict[str, str], pool: Pool) -> Fitted:
+    """Build the trainer, train (continuing the checkpoint ``train.resume`` picks, refused when it was written under
+    other settings), save the adapter with its tokenizer, then on rank 0 log the generations table and register the
+    adapter with its lineage tags. Out of memory anywhere → the profile hint."""
+    fp = checkpoints.fingerprint(r.as_dict(), pool_sha256=pool.digest, manifest=pool.folder / "manifest.json",
+                                 start=tags.get("start_from", ""), world_size=world_size(), run_id=runs.current_run_id())
+    resume = checkpoints.choose(out, r.cfg.train.resume)
+    if resume is not None:
+        then = checkpoints.check(resume, fp)
+        runs.set_tags({"resumed_from_checkpoint": str(resume), "resumed_from_run": then.get("run_id", "")})
     with oom_guard(r):
         trainer, tokenizer = build()
-        trainer.train(resume_from_checkpoint=last_checkpoint(out, r.cfg.train.resume))
+        trainer.zh_fingerprint = fp  # written into every checkpoint-N it saves (``in_order``)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         adapter = out / "adapter"
         trainer.save_model(str(adapter))
         tokenizer.save_pretrained(str(adapter))
@@ -179,30 +188,24 @@ def partial_checkpointing(layers: int):
 
 
 def in_order(trainer_cls: type) -> type:
-    """The trainer class reading its dataset front to back: the order is the sampler's, already shuffled per epoch."""
+    """The trainer class reading its dataset front to back (the order is the sampler's, already shuffled per epoch),
+    writing the run's fingerprint into each checkpoint right after its weights — before its trainer state, so a
+    checkpoint with a readable trainer state has its fingerprint, and before older checkpoints are rotated away."""
     from torch.utils.data import SequentialSampler
 
     class Ordered(trainer_cls):
+        zh_fingerprint: dict[str, Any] | None = None
+
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            super().save_model(output_dir, _internal_call)
+            if _internal_call and output_dir and self.zh_fingerprint and self.args.should_save:
+                checkpoints.write(Path(output_dir), self.zh_fingerprint)
+
     Ordered.__name__ = f"Ordered{trainer_cls.__name__}"
     return Ordered
-
-
-def last_checkpoint(out: Path, resume: str | None) -> str | None:
-    """`train.resume`: auto → the newest checkpoint in the output folder (None: start fresh); a path → that one."""
-    if not resume:
-        return None
-    if resume != "auto":
-        if not Path(resume).is_dir():
-            raise StageError(f"`train.resume` {resume!r} is not a checkpoint folder; use auto or a checkpoint-N path")
-        return resume
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(out)) if out.is_dir() else None
-    log.info("resume: %s", found or f"no checkpoint in {out}, starting fresh")
-    return found
 
 
 def oom_hint(r: Resolved) -> str:
@@ -250,5 +253,6 @@ def metrics_callback(epochs: float):
                     torch.cuda.reset_peak_memory_stats()
             if m:
                 runs.log_metrics(m, step=state.global_step)
+            runs.heartbeat()
 
     return MlflowMetrics()
