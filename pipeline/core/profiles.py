@@ -39,6 +39,9 @@ class ModelDef:
     hub_id: str | None = None
     revision: str | None = None
     tiny: TinySpec | None = None
+    # run the model repository's own Python code when loading (a model transformers does not know); off unless the
+    # definition turns it on, which every load logs as a warning
+    trust_remote_code: bool = False
     source_file: str = ""
 
     def check(self, key: Key) -> list[str]:
