@@ -66,12 +66,22 @@ def replacing(target: Path, *, marker: str | None = None, what: str = "output", 
         recover(target)
         staged = Path(tempfile.mkdtemp(prefix=f".{target.name}{PARTIAL}{os.getpid()}-", dir=target.parent))
         try:
+            staged.chmod(_mode(target))  # mkdtemp's 0700 would hide the output from the other users of the box
             yield staged
             if after_write is not None:
                 after_write(staged)
             _swap(staged, target)
         finally:
             shutil.rmtree(staged, ignore_errors=True)  # on success it holds the previous output (or is gone)
+
+
+def _mode(target: Path) -> int:
+    """The permissions of the folder being replaced, else those a new folder gets (0777 less the umask)."""
+    if target.is_dir():
+        return target.stat().st_mode & 0o7777
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def _swap(staged: Path, target: Path) -> None:
