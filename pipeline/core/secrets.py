@@ -10,7 +10,8 @@ Three rules, applied to every param, tag, text artifact and the stage's log file
 - **by value**: the values those rules found — of secret-named environment variables, of secret-named config keys
   (:func:`remember`), the passwords inside URL-valued environment variables — are replaced wherever they appear in
   logged text (an error message, a log line, an artifact). Values shorter than :data:`MIN_SECRET` characters or all
-  digits are left to the first two rules (scrubbing ``"1"`` everywhere would mangle the logs).
+  digits are left to the first two rules (scrubbing ``"1"`` everywhere would mangle the logs), and so are environment
+  values that are paths on this machine (``PWD``, named like ``pwd``, is the working directory).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TOKEN_USER = 16          # a userinfo without a password this long is taken for 
 _SECRET = re.compile(r"(secret|password|passwd|credential)|(^|[_.\-])(token|key|api_?key|pwd|auth)$", re.IGNORECASE)
 # scheme://userinfo@ — the userinfo holds no "/", "@", "?", "#" or white space; the user part no ":"
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^\s/@:?#]*)(?::(?P<pw>[^\s/@?#]*))?@")
+NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})  # named like a password (pwd), but the shell's working directories
 _remembered: set[str] = set()
 
 
@@ -94,7 +96,8 @@ class Scrubber:
 
     def __init__(self, env: Mapping[str, str] | None = None, extra: Iterable[str] = ()):
         env = os.environ if env is None else env
-        values = {v for k, v in env.items() if is_secret(k)} | set(_remembered) | set(extra)
+        named = {v for k, v in env.items() if is_secret(k) and k not in NOT_SECRET_ENV and not os.path.exists(v)}
+        values = named | set(_remembered) | set(extra)
         for v in env.values():
             values.update(url_passwords(v))
         self.values = sorted((v for v in values if _worth_scrubbing(v)), key=len, reverse=True)
