@@ -53,9 +53,9 @@ def leaky(tmp_path_factory):
     mp.setattr(resolve_module, "load_hub", lambda: HubConfig(endpoint=HUB_ENDPOINT, home=str(tmp / "hf-home")))
     common = ["--hw", "cpu", "--dry-run", "false"]
     assert prepare.main([*common, "--set", f"output_dir={tmp / 'data'}"]) == 0
-    assert sft.main([*common, "--set", f"data.path={tmp / 'data'}", "--set", f"output_dir={tmp / 'sft'}",
-                     "--set", "train.max_steps=2", "--set", "hw.micro_batch=4", "--set", "hw.grad_accum=1",
-                     "--set", "register.name=zh-align-secrets"]) == 0
+    sets = [f"data.path={tmp / 'data'}", f"output_dir={tmp / 'sft'}", "train.max_steps=2", "train.eval_steps=100",
+            "train.save_steps=100", "hw.micro_batch=4", "hw.grad_accum=1", "register.name=zh-align-secrets"]
+    assert sft.main([*common, *(x for s in sets for x in ("--set", s))]) == 0
     config = {"hub": {"api_token": CONFIG_TOKEN, "endpoint": HUB_ENDPOINT}, "source": {"url": CONFIG_URL}}
     with pytest.raises(RuntimeError), runs.start_run("probe", config, hw="cpu", model="tiny-qwen2") as probe:
         logging.getLogger("pipeline.probe").warning("connecting to %s with %s", CONFIG_URL, CONFIG_TOKEN)
