@@ -199,3 +199,45 @@ def test_prepare_on_a_full_disk_fails_the_run_naming_the_folder_and_keeps_the_pr
     (run,) = mlflow.search_runs(experiment_names=["zh-align-test"], order_by=["start_time DESC"], max_results=1,
                                 output_format="list")
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith(f"StageError: disk full at {root}")
+
+
+def test_a_pull_that_fills_the_disk_part_way_keeps_the_previous_dest(tmp_path, monkeypatch):
+    """`make pull OVERWRITE=1` onto a folder that holds an earlier pull: the copy dies of ENOSPC half-way, the earlier
+    model stays whole (the registry lookup and download are stood in for; the copy and the swap are real)."""
+    from types import SimpleNamespace
+
+    from pipeline.tracking import model_registry
+
+    dest = tmp_path / "pulled"
+    dest.mkdir()
+    (dest / "config.json").write_text('{"model_type": "qwen2"}')
+    (dest / "model.safetensors").write_bytes(b"old weights")
+    before = snapshot(dest)
+
+    def download(source, dst_path):
+        model = Path(dst_path) / "artifacts" / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text('{"model_type": "qwen2", "new": true}')
+        (model / "model.safetensors").write_bytes(b"new weights" * 1000)
+        return str(Path(dst_path))
+
+    copytree = shutil.copytree
+
+    def copy_until_full(src, dst, **kw):
+        if Path(src).name == "model.safetensors":
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return shutil.copy2(src, dst, **kw)
+
+    monkeypatch.setattr(model_registry, "registered_version",
+                        lambda client, ref: SimpleNamespace(source="models:/m/1", tags={}, name="m", version="1"))
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda *args, **kw: None)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)
+    monkeypatch.setattr(shutil, "copytree", lambda src, dst, **kw: copytree(src, dst, copy_function=copy_until_full, **kw))
+    with pytest.raises(StageError, match=rf"^disk full at {tmp_path} \(.* while writing the pulled model"):
+        model_registry.pull("m/1", dest, overwrite=True)
+    assert snapshot(dest) == before and leftovers(dest) == []
+    monkeypatch.setattr(shutil, "copytree", copytree)
+    model_registry.pull("m/1", dest, overwrite=True)
+    assert (dest / "model.safetensors").read_bytes() == b"new weights" * 1000 and leftovers(dest) == []
