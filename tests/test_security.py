@@ -117,6 +117,17 @@ def test_urls_lose_their_passwords_and_the_tracking_uri_too(monkeypatch):
     assert scrub("run 'x' is not in trackPW1234") == f"run 'x' is not in {REDACTED}"  # the bare password, anywhere
 
 
+def test_the_dry_run_page_shows_the_endpoint_and_the_tracking_uri_without_their_passwords(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", ENV["HF_ENDPOINT"])
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://trackuser:trackPW1234@127.0.0.1:9")
+    assert sft.main(["--hw", "4090"]) == 0
+    page = capsys.readouterr().out
+    assert "endpointPW5555" not in page and "trackPW1234" not in page
+    assert f"HF_ENDPOINT=https://mirroruser:{REDACTED}@mirror.invalid (from the environment)" in page
+    assert f"http://trackuser:{REDACTED}@127.0.0.1:9 · experiment" in page
+
+
 def test_short_values_and_working_directories_are_not_scrubbed_everywhere(monkeypatch, tmp_path):
     scrub = Scrubber(env={"HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "PWD": str(tmp_path), "GITHUB_TOKEN": "123456789",
                           "OPENAI_API_KEY": "sk-fake-abcdef"})
