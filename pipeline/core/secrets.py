@@ -120,16 +120,17 @@ def scrub(text: str) -> str:
     return Scrubber()(text)
 
 
-def redact(tree: Any, scrubber: Scrubber | None = None) -> Any:
-    """A copy of a nested dict/list with the values of secret-looking keys replaced and every string scrubbed."""
+def redact(tree: Any, scrubber: Scrubber | None = None, *, by_name: bool = True) -> Any:
+    """A copy of a nested dict/list with every string scrubbed and, ``by_name`` (configs, not data such as a report
+    whose ``sort_key`` is no secret), the values of secret-looking keys and ``key=value`` overrides replaced."""
     scrubber = scrubber or Scrubber()
     if isinstance(tree, Mapping):
-        return {k: REDACTED if is_secret(str(k)) and v not in (None, "") else redact(v, scrubber)
-                for k, v in tree.items()}
+        return {k: REDACTED if by_name and is_secret(str(k)) and v not in (None, "") else
+                redact(v, scrubber, by_name=by_name) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return [redact(v, scrubber) for v in tree]
+        return [redact(v, scrubber, by_name=by_name) for v in tree]
     if isinstance(tree, str):
-        if "=" in tree and is_secret(tree.split("=", 1)[0]):  # "key=value" overrides
+        if by_name and "=" in tree and is_secret(tree.split("=", 1)[0]):  # "key=value" overrides
             return tree.split("=", 1)[0] + "=" + REDACTED
         return scrubber(tree)
     return tree

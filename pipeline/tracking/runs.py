@@ -219,7 +219,7 @@ def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> No
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     import mlflow
 
-    mlflow.log_dict(redact(dict(data), Scrubber()), artifact_file)
+    mlflow.log_dict(redact(dict(data), Scrubber(), by_name=False), artifact_file)
 
 
 @rank0
@@ -227,7 +227,7 @@ def log_table(columns: Mapping[str, list], artifact_file: str) -> None:
     """A table (equal-length columns) that `mlflow ui` shows in its artifact view and its evaluation tab."""
     import mlflow
 
-    mlflow.log_table(data=redact(dict(columns), Scrubber()), artifact_file=artifact_file)
+    mlflow.log_table(data=redact(dict(columns), Scrubber(), by_name=False), artifact_file=artifact_file)
 
 
 @rank0
