@@ -56,8 +56,9 @@ def url_passwords(text: str) -> list[str]:
     """The passwords (and token-long users without one) inside the URLs of ``text``, as written and decoded."""
     found = []
     for m in _URL_USERINFO.finditer(text):
-        secret = m.group("pw") if m.group("pw") is not None else m.group("user") if len(m.group("user")) >= TOKEN_USER \
-            else ""
+        user, secret = m.group("user"), m.group("pw")
+        if secret is None:
+            secret = user if len(user) >= TOKEN_USER else ""
         if secret:
             found += [secret, unquote(secret)]
     return found
