@@ -68,7 +68,7 @@ help: ## list the targets and the variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 	@echo
 	@echo "variables: DRY_RUN=$(DRY_RUN) HW=$(HW) EXPERIMENT=$(EXPERIMENT) ENV_MANAGER=$(ENV_MANAGER)" \
-	  "LOSS=$(LOSS) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS) STAGE=$(STAGE)"
+	  "LOSS=$(LOSS) HOST=$(HOST) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS) STAGE=$(STAGE)"
 
 demo: ## start here: set up, then run the whole chain for real on the tiny model, offline (HW=cpu, a few minutes)
 	@$(MAKE) --no-print-directory setup
@@ -140,8 +140,8 @@ pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRI
 rerun: $(STAMP) ## re-run the finished stage or pipeline run RUN_ID from what it logged; reports what came out identical
 	$(PY) -m pipeline.rerun --run-id '$(RUN_ID)' $(if $(filter 0,$(DRY_RUN)),,--dry-run)
 
-ui: $(STAMP) ## serve the MLflow UI for this project's store on 127.0.0.1:PORT
-	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(PORT)
+ui: $(STAMP) ## serve the MLflow UI for this project's store on HOST:PORT (127.0.0.1: this machine only; no login)
+	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host '$(HOST)' --port $(PORT)
 
 server: $(STAMP) ## an MLflow tracking server on HOST:PORT with its own store (DB=postgresql://… for a lab); prints the URI to export
 	@MLFLOW_BACKEND_STORE_URI='$(DB)' $(PY) -m pipeline.server --host '$(HOST)' --port '$(PORT)'

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.core import atomic
 from pipeline.core.errors import StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
@@ -133,6 +134,7 @@ def run(r: Resolved) -> AlignResult:
                          f"or `model` to its base")
     pool = prepared.load_pool(cfg.data, "pref", r)
     out = repo_path(cfg.output_dir)
+    atomic.check_replaceable(out / "adapter", "adapter_config.json", "adapter")  # before any training
     tags = {**prepared.data_tags(pool), "start_from": start["source"], "start_from.run_id": start["run_id"] or "",
             "start_from.version": start["version"] or "", "loss": cfg.loss}
     with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):

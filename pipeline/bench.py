@@ -198,7 +198,8 @@ def random_model(r: Resolved, work: Path, cuda: bool) -> Any:
         folder = work / "random-base"
         if not folder.is_dir():
             AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-        return AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", **load_kwargs(r.hw, r.cfg.qlora))
+        return AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", use_safetensors=True,
+                                                    **load_kwargs(r.hw, r.cfg.qlora))
     kwargs = load_kwargs(r.hw, r.cfg.qlora)
     with torch.device("cuda" if cuda else "cpu"):
         return AutoModelForCausalLM.from_config(config, **kwargs)

@@ -27,7 +27,7 @@ from pipeline.evaluation import evalsets, forgetting
 from pipeline.evaluation import results as R
 from pipeline.evaluation.forgetting import GateConfig
 from pipeline.hardware import planner
-from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer
+from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer, require_safetensors
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output, model_ref_input
 from pipeline.stage.spec import Stage
@@ -190,7 +190,10 @@ def _model_args(r: Resolved, adapter: Path | None, merged: Path | None = None) -
     if revision:
         args["revision"] = revision
     if adapter:
+        require_safetensors(adapter)
         args["peft"] = str(adapter)
+    if r.model.trust_remote_code:  # off unless the model definition turns it on (lm-eval's default is off)
+        args["trust_remote_code"] = r.model.trust_remote_code
     return args
 
 

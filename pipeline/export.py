@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import atomic
 from pipeline.core.errors import StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
 from pipeline.hardware import planner
-from pipeline.models.loading import base_model_path, load_tokenizer, same_base
+from pipeline.models.loading import base_model_path, load_tokenizer, require_safetensors, safe_load_kwargs, same_base
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Plan, base_model_input, dir_output, model_ref_input, registry_output
 from pipeline.stage.spec import Stage
@@ -67,6 +68,7 @@ def run(r: Resolved) -> ExportResult:
         raise StageError(f"adapter {target['source']} was trained on base {recorded!r}, but this export's base is "
                          f"{r.model.hub_id or r.model.name}; set `adapter` or `model`")
     out = repo_path(cfg.output_dir)
+    atomic.check_replaceable(out, "config.json", "merged model")
     inherited = {k: v for k, v in target["tags"].items() if k.startswith(("data.", "licence.", "eval.", "start_from"))}
     tags = {**inherited, "adapter": target["source"], "base_model": r.model.hub_id or r.model.name,
             "base_revision": r.model.revision or "", "stage": STAGE.name, "hw": r.hw.name}
@@ -76,9 +78,10 @@ def run(r: Resolved) -> ExportResult:
         if diff > cfg.logits_tolerance:
             raise StageError(f"merged logits differ from the adapter's by {diff:.3g} > logits_tolerance "
                              f"{cfg.logits_tolerance}; the merge is not faithful (check the adapter and dtype)")
-        _save(merged, tokenizer, r, out, target, diff)
         record = probe_record(merged, tokenizer, r.model.system_prompt)
-        (out / PROBE_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        with atomic.replacing(out, marker="config.json", what="merged model") as staged:  # whole or not at all
+            _save(merged, tokenizer, r, staged, target, diff)
+            (staged / PROBE_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         runs.log_artifacts([out / PROBE_FILE])
         reg = model_registry.log_merged_model(out, registered_name=cfg.register.name, alias=cfg.register.alias,
                                         system_prompt=r.model.system_prompt,
@@ -95,8 +98,9 @@ def _merge(r: Resolved, adapter: Path) -> tuple[Any, Any, float]:
 
     path, revision = base_model_path(r.model)
     dtype = torch.float32 if r.hw.precision == "fp32" else torch.bfloat16  # bf16, never the 4-bit QLoRA base
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype),
-                                      str(adapter)).eval()
+    require_safetensors(adapter)
+    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **safe_load_kwargs(r.model))
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
     tokenizer = load_tokenizer(r.model)
     batch = probe_inputs(tokenizer, r.model.system_prompt)
     with torch.no_grad():
@@ -108,7 +112,6 @@ def _merge(r: Resolved, adapter: Path) -> tuple[Any, Any, float]:
 
 
 def _save(model: Any, tokenizer: Any, r: Resolved, out: Path, target: dict[str, Any], diff: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer.chat_template and QWEN_DEFAULT in tokenizer.chat_template:
         tokenizer.chat_template = tokenizer.chat_template.replace(QWEN_DEFAULT, r.model.system_prompt)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.core import atomic
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
@@ -144,6 +144,7 @@ def _options(s: SourceConfig) -> str:
 def run(r: Resolved) -> PrepareResult:
     cfg: PrepareConfig = r.cfg
     _check_paths(cfg, r.config_path)
+    atomic.check_replaceable(repo_path(cfg.output_dir), "manifest.json", "prepared pool")
     with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name):
         with tempfile.TemporaryDirectory(prefix="zh-align-prepare-") as tmp:
             built = build(r, Path(tmp))
@@ -223,14 +224,12 @@ def eval_index(r: Resolved) -> tuple[Any, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writing: everything into a staging folder, then moved into place file by file
+# Writing: everything into a folder beside the output, which then replaces it whole (pipeline.core.atomic)
 # ----------------------------------------------------------------------------------------------------------------
 def _write_all(built: Built, r: Resolved, out: Path) -> list[Path]:
     from pipeline.data import card, pool
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic.replacing(out, marker="manifest.json", what="prepared pool") as stage:
         digests = {name: pool.write_jsonl(ds, stage / name, name.split(".")[0].split("_")[0])
                    for name, ds in built.pools.items()}
         manifest = card.manifest(r, built, digests)
@@ -238,12 +237,7 @@ def _write_all(built: Built, r: Resolved, out: Path) -> list[Path]:
                                              encoding="utf-8")
         (stage / "DATA_CARD.md").write_text(card.data_card(manifest), encoding="utf-8")
         charts = card.charts(built, manifest, stage)
-        out.mkdir(parents=True, exist_ok=True)
         names = [*OUTPUT_FILES, *(c.name for c in charts)]
-        for name in names:
-            os.replace(stage / name, out / name)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     log.info("wrote %s", ", ".join(f"{n} ({built.rows[n]} rows)" for n in POOLS))
     return [out / n for n in names]
 

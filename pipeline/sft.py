@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import atomic
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
 from pipeline.data import prepared
@@ -94,6 +95,7 @@ def run(r: Resolved) -> SftResult:
     check_device(r.hw)
     pool = prepared.load_pool(cfg.data, "sft", r)
     out = repo_path(cfg.output_dir)
+    atomic.check_replaceable(out / "adapter", "adapter_config.json", "adapter")  # before any training
     tags = prepared.data_tags(pool)
     with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
         rows, report = prepared.order(pool, cfg.train.epochs)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import CONFIGS, ROOT, repo_path, shown
+from pipeline.core.secrets import redact_urls
 from pipeline.core.strict import Key, apply_override, at_least, build, close, load_yaml
 
 DEFAULT_HW = "4090"
@@ -39,6 +40,9 @@ class ModelDef:
     hub_id: str | None = None
     revision: str | None = None
     tiny: TinySpec | None = None
+    # run the model repository's own Python code when loading (a model transformers does not know); off unless the
+    # definition turns it on, which every load logs as a warning
+    trust_remote_code: bool = False
     source_file: str = ""
 
     def check(self, key: Key) -> list[str]:
@@ -150,15 +154,16 @@ def load_hub() -> HubConfig:
 def apply_hub_env(hub: HubConfig) -> dict[str, str]:
     """Export HF_ENDPOINT / HF_HOME from configs/hub.yaml unless the user's environment already sets them.
 
-    Returns what is in force, each with where it came from; the plan shows it and the runs log it.
+    Returns what is in force, each with where it came from (a URL's password redacted); the plan shows it and the runs
+    log it.
     """
     shown_env = {}
     for var, value in (("HF_ENDPOINT", hub.endpoint), ("HF_HOME", hub.home)):
         if os.environ.get(var):
-            shown_env[var] = f"{os.environ[var]} (from the environment)"
+            shown_env[var] = f"{redact_urls(os.environ[var])} (from the environment)"
         elif value:
             os.environ[var] = str(repo_path(value)) if var == "HF_HOME" else value
-            shown_env[var] = f"{os.environ[var]} (from configs/hub.yaml)"
+            shown_env[var] = f"{redact_urls(os.environ[var])} (from configs/hub.yaml)"
         else:
             shown_env[var] = "(library default)"
     return shown_env

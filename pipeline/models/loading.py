@@ -5,6 +5,7 @@ calls. The LoRA and QLoRA settings every training config carries are defined her
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,8 @@ from pipeline.core.strict import Key, load_yaml
 from pipeline.models.tiny import tiny_model_dir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,11 +53,31 @@ def base_model_path(model: ModelDef) -> tuple[str, str | None]:
     return model.hub_id, model.revision
 
 
+def safe_load_kwargs(model: ModelDef) -> dict:
+    """What every ``from_pretrained`` of a model definition's base passes: weights from safetensors only (a pickled
+    ``pytorch_model.bin`` can run code when loaded), and the repository's own code only where the definition turns
+    ``trust_remote_code`` on — with a warning each time."""
+    if model.trust_remote_code:
+        log.warning("model definition %s turns trust_remote_code on: loading runs Python code from %s; keep its "
+                    "revision pinned to a commit you have read", model.name, model.hub_id or model.name)
+    return {"use_safetensors": True, "trust_remote_code": model.trust_remote_code}
+
+
+def require_safetensors(adapter: str | Path) -> None:
+    """Refuse a local adapter folder whose weights are not ``adapter_model.safetensors`` (PEFT would fall back to a
+    pickled ``adapter_model.bin``)."""
+    folder = Path(adapter)
+    if folder.is_dir() and not (folder / ADAPTER_WEIGHTS).is_file():
+        found = ", ".join(sorted(p.name for p in folder.glob("adapter_model*"))) or "no adapter weights"
+        raise StageError(f"{folder} has {found} but no {ADAPTER_WEIGHTS}: adapters load from safetensors only (a "
+                         f"pickled .bin can run code when loaded); save it again with safe_serialization=True")
+
+
 def load_tokenizer(model: ModelDef):
     from transformers import AutoTokenizer
 
     path, revision = base_model_path(model)
-    return AutoTokenizer.from_pretrained(path, revision=revision)
+    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=model.trust_remote_code)
 
 
 def same_base(recorded: str, model: ModelDef) -> bool:
@@ -101,7 +124,8 @@ def load_for_training(model: ModelDef, hw: HardwareProfile, lora: LoraConfig | N
     from transformers import AutoModelForCausalLM
 
     path, revision = base_model_path(model)
-    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, **load_kwargs(hw, qlora))
+    base = AutoModelForCausalLM.from_pretrained(path, revision=revision, **load_kwargs(hw, qlora),
+                                                **safe_load_kwargs(model))
     return with_lora(base, hw, lora, adapter, base_path=path), load_tokenizer(model)
 
 
@@ -128,6 +152,7 @@ def with_lora(base, hw: HardwareProfile, lora: LoraConfig | None, adapter: str |
     if hw.activation_checkpointing:
         base.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input with grad
     if adapter:
+        require_safetensors(adapter)
         peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         for config in peft_model.peft_config.values():  # a registered adapter names its base portably: point it here
             config.base_model_name_or_path = base_path

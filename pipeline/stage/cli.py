@@ -23,6 +23,7 @@ from pipeline.core.paths import CONFIGS
 from pipeline.core.process import Interrupted, supervised
 from pipeline.core.profiles import DEFAULT_HW, apply_hub_env
 from pipeline.core.runtime import launched, rank
+from pipeline.core.secrets import ScrubbingFormatter
 from pipeline.core.strict import parse_overrides
 from pipeline.stage.dryrun import precheck, render
 from pipeline.stage.resolve import resolve
@@ -137,7 +138,7 @@ def supervise(name: str, fn: Callable[[], Any], *, trains: bool = False) -> int:
     ``stage`` tags, the log so far under ``logs/``)."""
     folder = Path(tempfile.mkdtemp(prefix=f"zh-align-{name}-early-"))
     handler = logging.FileHandler(folder / f"{name}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
 
     def failed(err: BaseException) -> None:

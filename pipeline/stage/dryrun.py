@@ -17,7 +17,7 @@ from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import repo_path, shown
 from pipeline.core.profiles import apply_hub_env
 from pipeline.core.resolved import Resolved
-from pipeline.core.secrets import redact
+from pipeline.core.secrets import redact, redact_urls
 from pipeline.core.strict import yaml_value
 from pipeline.data.prepared import DataRef, pool_folder, verify_pool
 from pipeline.hardware.planner import Estimate
@@ -68,7 +68,8 @@ def base_model_input(r: Resolved) -> Item:
         return Item("base model", f"{m.name} → {shown(where)}", state)
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     snapshot = home / "hub" / f"models--{m.hub_id.replace('/', '--')}" / "snapshots" / m.revision
-    state = "cached" if snapshot.is_dir() else f"downloaded on first use from {os.environ.get('HF_ENDPOINT') or 'the hub'}"
+    endpoint = redact_urls(os.environ.get("HF_ENDPOINT") or "the hub")
+    state = "cached" if snapshot.is_dir() else f"downloaded on first use from {endpoint}"
     return Item("base model", f"{m.hub_id} @ {m.revision}", state)
 
 
@@ -196,7 +197,7 @@ def render(plan: Plan, hub_env: dict[str, str]) -> str:
     rows = [("config", r.config_path + (f"  (overrides: {', '.join(f'{k}={v}' for k, v in r.overrides)})"
                                         if r.overrides else "")),
             ("command", mlflow_command(r)),
-            ("tracking", f"{tracking_uri()} · experiment {experiment_name()}"),
+            ("tracking", f"{redact_urls(tracking_uri())} · experiment {experiment_name()}"),
             ("hub", " · ".join(f"{k}={v}" for k, v in hub_env.items())),
             ("base model", f"{r.model.ref} ({r.model.family}, {r.model.max_positions} positions, "
                            f"licence {r.model.licence})"),

@@ -52,7 +52,8 @@ class AdapterModel(PythonModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         base = AutoModelForCausalLM.from_pretrained(merged or config["base_model"],
                                                     revision=None if merged else config["revision"],
-                                                    dtype=getattr(torch, dtype), device_map=device)
+                                                    dtype=getattr(torch, dtype), device_map=device,
+                                                    use_safetensors=True)
         self.model = (base if merged else PeftModel.from_pretrained(base, adapter)).eval()
         eos = base.generation_config.eos_token_id if base.generation_config else None
         # Plain greedy decoding: the hub's sampling settings (temperature, top_p, repetition_penalty) are not inherited.

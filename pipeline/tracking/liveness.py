@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import process
+from pipeline.core.secrets import scrub
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def record_failure(client: Any, run_id: str, stage: str, err: BaseException, log
         if run.info.status in TERMINAL:
             return False
         killed = isinstance(err, process.Interrupted)
-        message = (str(err) if killed else f"{type(err).__name__}: {err}")[:MAX_VALUE]
+        message = scrub(str(err) if killed else f"{type(err).__name__}: {err}")[:MAX_VALUE]
         tags = {**identity(None), "error": message, "stage": stage}
         del tags["output_dir"]
         if killed:

@@ -14,8 +14,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import atomic
 from pipeline.core.errors import ConfigError, StageError
-from pipeline.core.secrets import REDACTED, is_secret
+from pipeline.core.secrets import REDACTED, Scrubber, is_secret
 from pipeline.core.strict import close
 from pipeline.tracking.runs import MAX_VALUE, rank0, tracking_uri
 
@@ -124,12 +125,12 @@ def _register(artifacts: dict[str, str], model_config: dict[str, Any], registere
 
 @rank0
 def set_model_version_tags(name: str, version: str | int, tags: Mapping[str, Any]) -> None:
-    """Tags on one registered model version (secret-looking keys redacted, values as text within MLflow's limit)."""
+    """Tags on one registered model version (secrets redacted, values as text within MLflow's limit)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client, scrub = MlflowClient(), Scrubber()
     for key, value in tags.items():
-        text = REDACTED if is_secret(str(key)) else str(value)
+        text = REDACTED if is_secret(str(key)) else scrub(str(value))
         client.set_model_version_tag(name, str(version), str(key), text[:MAX_VALUE])
 
 
@@ -192,9 +193,8 @@ def pull(ref: str, dest: Path, overwrite: bool = False, *, base: str = "",
         found = adapters or [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
         if not found:
             raise StageError(f"{ref} holds neither an adapter nor a merged model")
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(found[0], dest)
+        with atomic.replacing(dest, what="pulled model") as staged:  # whole or not at all; DEST kept on failure
+            shutil.copytree(found[0], staged, dirs_exist_ok=True)
     return dest
 
 

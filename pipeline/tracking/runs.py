@@ -3,8 +3,10 @@
 ``start_run`` opens the stage's run, or attaches to the one ``mlflow run`` created (``MLFLOW_RUN_ID``; no
 ``set_experiment`` there), logs the resolved config as flattened params and as a YAML artifact, the lineage tags,
 ``pip freeze`` and the stage's own log file; on an exception it ends the run FAILED with the message as a tag and
-lets the exception propagate. Values of keys or environment variables named like a token, key, secret or password
-are never logged (:mod:`pipeline.core.secrets`). Only rank 0 of several processes talks to MLflow.
+lets the exception propagate. No secret is logged (:mod:`pipeline.core.secrets`): values of keys or environment
+variables named like a token, key, secret or password, URL passwords, and those values wherever they reappear — in
+params, tags, the ``error`` tag, text artifacts and the stage's log file. Only rank 0 of several processes talks to
+MLflow.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pipeline.core.errors import StageError
 from pipeline.core.paths import ROOT, repo_path
 from pipeline.core.process import Interrupted
 from pipeline.core.runtime import rank
-from pipeline.core.secrets import REDACTED, is_secret, redact
+from pipeline.core.secrets import REDACTED, Scrubber, ScrubbingFormatter, is_secret, redact, remember
 from pipeline.tracking import liveness
 from pipeline.tracking.retry import first_use, retry_locked
 
@@ -54,7 +56,7 @@ def experiment_name() -> str:
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Dotted params from a nested dict, within MLflow's key/value limits, secrets redacted."""
     flat: dict[str, str] = {}
-    for key, value in redact(dict(tree)).items():
+    for key, value in redact(dict(tree), Scrubber()).items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{name}."))
@@ -67,8 +69,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def environment() -> dict[str, str]:
-    """The environment variables that shape a run (hub, tracking, CUDA), secrets redacted."""
-    return {k: REDACTED if is_secret(k) else v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
+    """The environment variables that shape a run (hub, tracking, CUDA), secrets redacted (URL passwords too)."""
+    scrub = Scrubber()
+    return {k: REDACTED if is_secret(k) else scrub(v) for k, v in sorted(os.environ.items())
+            if k.startswith(ENV_PREFIXES)}
 
 
 @functools.cache
@@ -106,6 +110,7 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
         return
     import mlflow
 
+    remember(config)  # its secret-named values are scrubbed wherever they turn up from here on
     mlflow.set_tracking_uri(tracking_uri())
     first_use(tracking_uri())  # a new sqlite store: one process at a time creates it
     owned = mlflow.active_run() is None
@@ -120,23 +125,24 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
         active = mlflow.active_run()
     logdir = Path(tempfile.mkdtemp(prefix=f"zh-align-{stage}-"))
     handler = logging.FileHandler(logdir / f"{stage}.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     output, trains = _output_dir(config), "resume" in dict(config.get("config") or {}).get("train", {})
     client = mlflow.MlflowClient(tracking_uri())
     heart = liveness.Heartbeat(client, active.info.run_id)
     try:
-        mlflow.set_tags({"stage": stage, "hw": hw, "model": model, "dry_run": str(dry_run).lower(),
-                         **git_state(), **liveness.identity(output), **(tags or {})})
+        set_tags({"stage": stage, "hw": hw, "model": model, "dry_run": str(dry_run).lower(), **git_state(),
+                  **liveness.identity(output), **(tags or {})})
         _sweep(client, active, stage, output, trains)
         log_params(config)
         log_params(environment(), prefix="env.")
-        log_text(yaml.safe_dump(redact(dict(config)), allow_unicode=True, sort_keys=False), "resolved_config.yaml")
+        log_text(yaml.safe_dump(redact(dict(config), Scrubber()), allow_unicode=True, sort_keys=False),
+                 "resolved_config.yaml")
         log_text(pip_freeze(), "environment/pip-freeze.txt")
         yield active
     except BaseException as err:
         killed = isinstance(err, Interrupted)
-        mlflow.set_tag("error", (str(err) if killed else f"{type(err).__name__}: {err}")[:MAX_VALUE])
+        mlflow.set_tag("error", Scrubber()(str(err) if killed else f"{type(err).__name__}: {err}")[:MAX_VALUE])
         if killed:
             mlflow.set_tag("killed_reason", f"{err}; {liveness.how_to_go_on(stage, active.data.tags, trains)}")
         _close(mlflow, handler, logdir, stage, owned, "KILLED" if killed else "FAILED", heart)
@@ -168,6 +174,33 @@ def _close(mlflow: Any, handler: logging.Handler, logdir: Path, stage: str, owne
     finally:
         if owned:
             mlflow.end_run(status)
+
+
+TEXT_ARTIFACT_MAX = 64 * 2 ** 20  # text files up to this size are checked for secrets before they are logged
+
+
+@contextmanager
+def scrubbed_files(paths: Iterable[Path]) -> Iterator[list[Path]]:
+    """The files to log: each text file (UTF-8, up to TEXT_ARTIFACT_MAX) that holds a secret is replaced by a scrubbed
+    copy of the same name; weights and other binary files are logged as they are."""
+    scrub = Scrubber()
+    with tempfile.TemporaryDirectory(prefix="zh-align-scrubbed-") as tmp:
+        out = []
+        for i, path in enumerate(map(Path, paths)):
+            if path.is_file() and path.stat().st_size <= TEXT_ARTIFACT_MAX:
+                data = path.read_bytes()
+                if scrub.bytes_hold_secret(data):
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = None
+                    if text is not None:
+                        copy = Path(tmp) / str(i) / path.name
+                        copy.parent.mkdir()
+                        copy.write_text(scrub(text), encoding="utf-8")
+                        path = copy
+            out.append(path)
+        yield out
 
 
 @rank0
@@ -205,7 +238,7 @@ def log_params(params: Mapping[str, Any], prefix: str = "") -> None:
 def log_text(text: str, artifact_file: str) -> None:
     import mlflow
 
-    mlflow.log_text(text, artifact_file)
+    mlflow.log_text(Scrubber()(text), artifact_file)
 
 
 @rank0
@@ -221,7 +254,8 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
-    mlflow.set_tags({k: REDACTED if is_secret(k) else str(v) for k, v in tags.items()})
+    scrub = Scrubber()
+    mlflow.set_tags({k: REDACTED if is_secret(k) else scrub(str(v)) for k, v in tags.items()})
 
 
 @rank0
@@ -229,8 +263,9 @@ def set_tags(tags: Mapping[str, Any]) -> None:
 def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> None:
     import mlflow
 
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path)
+    with scrubbed_files(paths) as clean:
+        for path in clean:
+            mlflow.log_artifact(str(path), artifact_path)
 
 
 @rank0
@@ -238,7 +273,7 @@ def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> No
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
     import mlflow
 
-    mlflow.log_dict(dict(data), artifact_file)
+    mlflow.log_dict(redact(dict(data), Scrubber(), by_name=False), artifact_file)
 
 
 @rank0
@@ -247,7 +282,7 @@ def log_table(columns: Mapping[str, list], artifact_file: str) -> None:
     """A table (equal-length columns) that `mlflow ui` shows in its artifact view and its evaluation tab."""
     import mlflow
 
-    mlflow.log_table(data=dict(columns), artifact_file=artifact_file)
+    mlflow.log_table(data=redact(dict(columns), Scrubber(), by_name=False), artifact_file=artifact_file)
 
 
 @rank0
@@ -284,13 +319,14 @@ def log_to_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str
     """Metrics, tags and files onto another (finished) run: a training run receives its evaluation."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri())
+    client, scrub = mlflow.MlflowClient(tracking_uri()), Scrubber()
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    for path in files:
-        client.log_artifact(run_id, str(path), artifact_path)
+        client.set_tag(run_id, key, REDACTED if is_secret(key) else scrub(str(value)))
+    with scrubbed_files(files) as clean:
+        for path in clean:
+            client.log_artifact(run_id, str(path), artifact_path)
 
 
 def get_run(run_id: str) -> Any:

@@ -84,7 +84,7 @@ def check_probe_logits(folder: Path, tolerance: float | None = None) -> float:
         raise StageError(f"{folder} has no {PROBE_FILE}; only folders written by `make export` can be checked")
     record = json.loads(path.read_text(encoding="utf-8"))
     tolerance = tolerance if tolerance is not None else (1e-4 if record["dtype"] == "float32" else 5e-2)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, record["dtype"])).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, record["dtype"]), use_safetensors=True).eval()
     last = next_token_logits(model, AutoTokenizer.from_pretrained(folder), record["texts"])
     got = last.gather(1, torch.tensor(record["top_ids"]))
     diff = float((got - torch.tensor(record["top_logits"])).abs().max())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import atomic
 from pipeline.core.errors import StageError
 from pipeline.core.profiles import HardwareProfile
 from pipeline.core.resolved import Resolved
@@ -70,8 +71,10 @@ def fit(r: Resolved, stage: str, build: Any, out: Path, tags: dict[str, str], po
         trainer.zh_fingerprint = fp  # written into every checkpoint-N it saves (``in_order``)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         adapter = out / "adapter"
-        trainer.save_model(str(adapter))
-        tokenizer.save_pretrained(str(adapter))
+        with atomic.replacing(adapter, marker="adapter_config.json", what="adapter",
+                              enabled=trainer.is_world_process_zero()) as staged:  # whole or not at all
+            trainer.save_model(str(staged))
+            tokenizer.save_pretrained(str(staged))
         final = final_loss(trainer.state.log_history)
         if not trainer.is_world_process_zero():
             return Fitted(adapter, trainer.state.global_step, final, None)
