@@ -271,9 +271,11 @@ def log_artifacts(paths: Iterable[Path], artifact_path: str | None = None) -> No
 @rank0
 @retry_locked
 def log_dict(data: Mapping[str, Any], artifact_file: str) -> None:
+    """A JSON artifact with Chinese kept readable (``mlflow.log_dict`` would escape it as \\uXXXX)."""
     import mlflow
 
-    mlflow.log_dict(redact(dict(data), Scrubber(), by_name=False), artifact_file)
+    clean = redact(dict(data), Scrubber(), by_name=False)
+    mlflow.log_text(json.dumps(clean, ensure_ascii=False, indent=2), artifact_file)
 
 
 @rank0
