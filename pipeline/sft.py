@@ -85,7 +85,8 @@ def run(r: Resolved) -> SftResult:
     pool = prepared.load_pool(cfg.data, "sft", r)
     out = repo_path(cfg.output_dir)
     tags = prepared.data_tags(pool)
-    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags,
+                        system_metrics=True):
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report)
         done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags)
