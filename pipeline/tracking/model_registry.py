@@ -34,6 +34,19 @@ _TRAINING_LEFTOVERS = ("checkpoint-*", "runs", "training_args.bin", "optimizer.p
                        "trainer_state.json")
 
 
+def signature() -> Any:
+    """What the served model accepts, so MLflow validates requests: per row a ``prompt`` (text) or ``messages`` (a
+    conversation of ``{role, content}``); params ``max_new_tokens`` (0 = the model config's), ``temperature`` (0 = greedy) and ``top_p``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", "string"), Property("content", "string")])
+    inputs = Schema([ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)])
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", 0), ParamSpec("temperature", "double", 0.0),
+                          ParamSpec("top_p", "double", 1.0)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]), params=params)
+
+
 def adapter_requirements() -> list[str]:
     """Pins of what the pyfunc imports, from the installed versions (local build tags such as ``+cpu`` dropped)."""
     return [f"{pkg}=={metadata.version(pkg).split('+', 1)[0]}" for pkg in ADAPTER_REQUIREMENTS]
@@ -112,7 +125,7 @@ def _register(artifacts: dict[str, str], model_config: dict[str, Any], registere
 
     info = mlflow.pyfunc.log_model(name=name, python_model=str(ADAPTER_MODEL_CODE), artifacts=artifacts,
                                    model_config=model_config, registered_model_name=registered_name,
-                                   pip_requirements=adapter_requirements())
+                                   pip_requirements=adapter_requirements(), signature=signature())
     version = int(info.registered_model_version)
     set_model_version_tags(registered_name, version, tags)
     MlflowClient().set_registered_model_alias(registered_name, alias, version)
