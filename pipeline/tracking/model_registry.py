@@ -205,6 +205,36 @@ def pull(ref: str, dest: Path, overwrite: bool = False, *, base: str = "",
     return dest
 
 
+def download(ref: str) -> dict[str, Any]:
+    """A registered model (``name@alias``, ``name/version``, or a run id: the newest version that run registered) in a
+    local folder: ``{"folder", "adapter" (bool), "system_prompt", "base_model", "source"}``; ``system_prompt`` is the
+    one logged in the pyfunc's model_config."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    if "@" in ref or "/" in ref:
+        mv = registered_version(client, ref)
+    else:
+        try:
+            found = client.search_model_versions(f"run_id = '{ref}'")
+        except MlflowException as err:
+            raise StageError(f"{ref!r} is not a run id in {tracking_uri()}") from err
+        if not found:
+            raise StageError(f"{ref!r}: no model version was registered by a run of that id in {tracking_uri()}; give "
+                             f"`name@alias`, `name/version`, a run id that registered a model, or a folder")
+        mv = max(found, key=lambda v: int(v.version))
+    root = Path(mlflow.artifacts.download_artifacts(mv.source))
+    config = mlflow.models.Model.load(str(root)).flavors.get("python_function", {}).get("model_config") or {}
+    adapters = [p.parent for p in root.rglob("adapter_config.json")]
+    found = adapters or [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+    if not found:
+        raise StageError(f"{mv.name}/{mv.version} holds neither an adapter nor a merged model")
+    return {"folder": found[0], "adapter": bool(adapters), "system_prompt": config.get("system_prompt"),
+            "base_model": mv.tags.get("base_model", ""), "source": f"models:/{mv.name}/{mv.version}"}
+
+
 def registered_models(run_id: str) -> list[str]:
     """`name/version@alias…` of every version a run registered, oldest first."""
     import mlflow
