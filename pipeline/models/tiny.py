@@ -2,9 +2,9 @@
 
 A random Qwen2 or Qwen3 of a few layers (its shape from ``configs/models/tiny-*/config.json``), a byte-level BPE
 trained in-process on mixed zh/en text with Qwen's pre-tokenisation rule (or, with ``tiny.tokenizer: qwen2.5``,
-Qwen2.5's real tokenizer from :mod:`.qwen_tokenizer` over the real padded vocabulary), and the family's real chat template taken
-from TRL's package (Qwen2.5's byte-identical, so TRL's assistant-only training template applies exactly as in
-production). Builds are deterministic for a seed and cached under ``.cache/tiny-models/``.
+Qwen2.5's real tokenizer from :mod:`.qwen_tokenizer` over the real padded vocabulary), and the family's real chat
+template taken from TRL's package (Qwen2.5's byte-identical, so TRL's assistant-only training template applies
+exactly as in production). Builds are deterministic for a seed and cached under ``.cache/tiny-models/``.
 """
 
 from __future__ import annotations

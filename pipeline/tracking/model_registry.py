@@ -36,7 +36,8 @@ _TRAINING_LEFTOVERS = ("checkpoint-*", "runs", "training_args.bin", "optimizer.p
 
 def signature() -> Any:
     """What the served model accepts, so MLflow validates requests: per row a ``prompt`` (text) or ``messages`` (a
-    conversation of ``{role, content}``); params ``max_new_tokens`` (0 = the model config's), ``temperature`` (0 = greedy) and ``top_p``."""
+    conversation of ``{role, content}``); params ``max_new_tokens`` (0 = the model config's), ``temperature``
+    (0 = greedy) and ``top_p``."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
