@@ -60,6 +60,9 @@ class Settings:
 
 def find_model(ref: str, hw: str, overrides: list) -> dict[str, Any]:
     """The model to load: ``{"folder", "adapter", "system_prompt", "source", "model" (the model definition)}``."""
+    if not ref.strip():
+        raise ConfigError(["no model given: MODEL=name@alias (e.g. zh-align-merged@champion), name/version, a run id "
+                           "or a folder"])
     r = resolve("export", hw=hw, overrides=overrides)  # the model definition of this profile, as `make pull` reads it
     path = Path(ref)
     if path.is_dir():
