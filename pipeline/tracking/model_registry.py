@@ -226,7 +226,7 @@ def download(ref: str) -> dict[str, Any]:
             raise StageError(f"{ref!r}: no model version was registered by a run of that id in {tracking_uri()}; give "
                              f"`name@alias`, `name/version`, a run id that registered a model, or a folder")
         mv = max(found, key=lambda v: int(v.version))
-    root = Path(mlflow.artifacts.download_artifacts(mv.source))
+    root = _artifacts_here(client, mv) or Path(mlflow.artifacts.download_artifacts(mv.source))
     config = mlflow.models.Model.load(str(root)).flavors.get("python_function", {}).get("model_config") or {}
     adapters = [p.parent for p in root.rglob("adapter_config.json")]
     found = adapters or [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
@@ -234,6 +234,18 @@ def download(ref: str) -> dict[str, Any]:
         raise StageError(f"{mv.name}/{mv.version} holds neither an adapter nor a merged model")
     return {"folder": found[0], "adapter": bool(adapters), "system_prompt": config.get("system_prompt"),
             "base_model": mv.tags.get("base_model", ""), "source": f"models:/{mv.name}/{mv.version}"}
+
+
+def _artifacts_here(client: Any, mv: Any) -> Path | None:
+    """The version's files where they already lie on this machine (a local store), so a 15 GB merged model is read in
+    place rather than copied on every load; None for a remote store."""
+    from urllib.parse import unquote, urlparse
+
+    model_id = getattr(mv, "model_id", None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else ""
+    parsed = urlparse(location)
+    path = Path(unquote(parsed.path)) if parsed.scheme in ("", "file") and location else None
+    return path if path is not None and (path / "MLmodel").is_file() else None
 
 
 def registered_models(run_id: str) -> list[str]:
