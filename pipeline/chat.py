@@ -156,6 +156,16 @@ def loop(chat: Chat, stdin: TextIO, interactive: bool) -> None:
             return
 
 
+def quiet() -> None:
+    """A chat screen without the loading progress bar and PEFT's deprecation notice."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="NAME@ALIAS, NAME/VERSION, a run id, or a folder")
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed)
         settings.check()
         found = find_model(args.model, args.hw, parse_overrides(args.set, args.overrides))
+        quiet()
         net, tokenizer = load_for_generation(found["folder"], found["adapter"], found["model"])
         system = found["system_prompt"] if args.system is None else args.system
         chat = Chat(net, tokenizer, system, settings, args.show_template)
