@@ -11,10 +11,12 @@ can be overridden at load time (``mlflow.pyfunc.load_model(uri, model_config={"b
 - ``max_new_tokens`` (64), ``dtype`` (``auto`` = bfloat16 on a GPU that supports it, else float32; or ``bfloat16`` /
   ``float16`` / ``float32``), ``device`` (``auto`` = cuda when available, else cpu; or a torch device string)
 
-``predict`` takes a list of prompts, a DataFrame with a ``prompt`` and/or a ``messages`` column (what the REST
-server hands over; the model's signature declares both, see ``model_registry.SIGNATURE``), one conversation (a list of
-``{"role", "content"}`` dicts) or a list of conversations, and returns the continuation of each, new text only: greedy,
-or sampled when the ``temperature`` param is above 0 (``top_p`` too); ``max_new_tokens`` overrides the config's.
+``predict`` takes ``{"prompt": [text, …]}``, ``{"messages": [{"role", "content"}, …]}`` (one conversation), a list of
+such records or a DataFrame with a ``prompt`` and/or a ``messages`` column (what the REST server hands over): the
+model's signature (``model_registry.signature()``) declares these, and MLflow's schema check turns a bare list of
+texts into an empty frame, so wrap texts as ``{"prompt": [...]}``. It returns the continuation of each, new text
+only: greedy, or sampled when the ``temperature`` param is above 0 (``top_p`` too); ``max_new_tokens`` overrides the
+config's.
 The file imports nothing from ``pipeline``: MLflow runs it on its own when the model is loaded.
 """
 
@@ -92,7 +94,8 @@ def _items(model_input: Any) -> list[Any]:
     """Prompts or conversations from the accepted input shapes."""
     if hasattr(model_input, "columns"):  # a pandas DataFrame, as the REST server passes it: per row a prompt or messages
         if not {"prompt", "messages"} & set(model_input.columns):
-            raise ValueError(f"a DataFrame input needs a 'prompt' or 'messages' column; got {list(model_input.columns)}")
+            raise ValueError(f"the input needs a 'prompt' or 'messages' column; got {list(model_input.columns)}: pass "
+                             f'{{"prompt": ["…"]}} or {{"messages": [{{"role": "user", "content": "…"}}]}}')
         items = [item for row in model_input.to_dict("records") for item in _row(row)]
         return [item if isinstance(item, str) else [dict(m) for m in item] for item in items]
     elif isinstance(model_input, dict):
