@@ -26,10 +26,16 @@ STAGE ?= sft
 DATA ?=
 CAP ?=
 OUT ?= outputs/bench-gpu
+PROMPT ?=
+SYSTEM ?=
+MAX_NEW_TOKENS ?= 256
+TEMPERATURE ?= 0.7
+TOP_P ?= 0.8
+RUNS ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull rerun ui server screenshots test lint clean
+.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull chat serve compare rerun ui server screenshots test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -136,6 +142,17 @@ promote: $(STAMP) ## move ALIAS (champion) to MODEL's VERSION; refused when its 
 pull: $(STAMP) ## download MODEL (name@alias or name/version) into DEST; OVERWRITE=1 replaces it, VERIFY=1 checks logits
 	$(PY) -m pipeline.registry pull --model '$(MODEL)' --dest '$(DEST)' --hw '$(HW)' --overrides $(SET_Q) \
 	  $(if $(filter 1,$(OVERWRITE)),--overwrite) $(if $(filter 1,$(VERIFY)),--verify)
+
+chat: $(STAMP) ## talk to MODEL (name@alias, name/version, run id or folder) in the terminal; PROMPT="…" answers once
+	$(PY) -m pipeline.chat --model '$(MODEL)' --hw '$(HW)' --overrides '$(SET)' --max-new-tokens '$(MAX_NEW_TOKENS)' \
+	  --temperature '$(TEMPERATURE)' --top-p '$(TOP_P)' $(if $(SYSTEM),--system '$(SYSTEM)') $(if $(PROMPT),--prompt '$(PROMPT)')
+
+serve: $(STAMP) ## serve the registered MODEL (name@alias or name/version) over HTTP on HOST:PORT (POST /invocations)
+	@test -n '$(MODEL)' || { echo "make serve: give MODEL=name@alias or name/version (e.g. MODEL=zh-align-merged@champion)" >&2; exit 2; }
+	mlflow models serve -m 'models:/$(MODEL)' --host '$(HOST)' --port '$(PORT)' --env-manager '$(ENV_MANAGER)'
+
+compare: $(STAMP) ## eval scores, deltas, final loss, tokens/s, wall time of RUNS="id …" (default: the last 5 pipeline runs)
+	$(PY) -m pipeline.compare --runs '$(RUNS)'
 
 rerun: $(STAMP) ## re-run the finished stage or pipeline run RUN_ID from what it logged; reports what came out identical
 	$(PY) -m pipeline.rerun --run-id '$(RUN_ID)' $(if $(filter 0,$(DRY_RUN)),,--dry-run)

@@ -137,7 +137,8 @@ def run(r: Resolved) -> AlignResult:
     atomic.check_replaceable(out / "adapter", "adapter_config.json", "adapter")  # before any training
     tags = {**prepared.data_tags(pool), "start_from": start["source"], "start_from.run_id": start["run_id"] or "",
             "start_from.version": start["version"] or "", "loss": cfg.loss}
-    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags,
+                        system_metrics=True):
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report, zh_pairs=sum(1 for x in pool.train if x["lang"] == "zh"),
                    shortfall=(report["shortfall"] or {}).get("action", "none"))

@@ -114,7 +114,8 @@ def run(r: Resolved) -> EvalResult:
         _checked(evalsets.check_tasks, tasks, manager, mirrored)
         key = _cache_key(r, tmp)
         tags = {"eval.target": target["source"], "eval.target_run_id": target["run_id"] or ""}
-        with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+        with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags,
+                            system_metrics=True):
             tuned = _lm_eval(r, tasks, manager, target["folder"], target["merged"])
             tested = target["folder"] or target["merged"]
             base = _base(r, tasks, manager, key) if cfg.compare_base and tested else None

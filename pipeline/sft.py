@@ -97,7 +97,8 @@ def run(r: Resolved) -> SftResult:
     out = repo_path(cfg.output_dir)
     atomic.check_replaceable(out / "adapter", "adapter_config.json", "adapter")  # before any training
     tags = prepared.data_tags(pool)
-    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags):
+    with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags,
+                        system_metrics=True):
         rows, report = prepared.order(pool, cfg.train.epochs)
         T.log_data(pool, rows, report)
         done = T.fit(r, STAGE.name, lambda: build_trainer(r, pool, rows, out), out, tags, pool)

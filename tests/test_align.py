@@ -101,7 +101,7 @@ def test_both_losses_start_from_the_latest_sft_run_and_register_a_version_that_g
         assert "nll_loss" in run.data.metrics and "log_odds_ratio" in run.data.metrics
     pairs = [json.loads(line) for line in (world["pool"] / "pref.jsonl").read_text(encoding="utf-8").splitlines()]
     assert run.data.params["data.zh_pairs"] == str(sum(p["lang"] == "zh" for p in pairs)) != "0"
-    out = mlflow.pyfunc.load_model(f"models:/zh-align-{loss}@candidate").predict(["你好"])
+    out = mlflow.pyfunc.load_model(f"models:/zh-align-{loss}@candidate").predict({"prompt": ["你好"]})
     assert len(out) == 1 and isinstance(out[0], str)
 
 

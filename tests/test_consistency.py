@@ -125,7 +125,8 @@ def test_conda_yaml_pins_the_same_versions_as_constraints_and_they_fit_pyproject
     torch_range = next(r for r in ranges if r.name == "torch").specifier
     assert torch_range.contains("2.11.0") and next(r for r in ranges if r.name == "transformers").specifier.contains(
         "5.17.0")  # GPU machines commonly carry these
-    assert {"bitsandbytes", "liger-kernel"} == {Requirement(r).name for r in project["optional-dependencies"]["gpu"]}
+    assert {"bitsandbytes", "liger-kernel", "nvidia-ml-py"} == {Requirement(r).name
+                                                                for r in project["optional-dependencies"]["gpu"]}
 
 
 def _tracked_files() -> set[str]:

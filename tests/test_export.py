@@ -60,7 +60,7 @@ def test_the_registered_merged_model_pulls_and_loads_with_the_same_logits(export
                                                       dst_path=str(exported["tmp"] / "pulled")))
     folder = next(p.parent for p in pulled.rglob("config.json") if (p.parent / "model.safetensors").exists())
     assert torch.allclose(logits(folder), logits(exported["out"]), atol=1e-6)
-    out = mlflow.pyfunc.load_model("models:/zh-align-merged@candidate").predict(["你好"])
+    out = mlflow.pyfunc.load_model("models:/zh-align-merged@candidate").predict({"prompt": ["你好"]})
     assert len(out) == 1 and isinstance(out[0], str)
 
 

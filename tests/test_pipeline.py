@@ -74,6 +74,23 @@ def test_the_parent_carries_the_children_metrics_and_a_summary(chained):
     assert "make pull MODEL=zh-align-merged@candidate" in text and "forgetting gate" in text
 
 
+def test_compare_tables_the_real_pipeline_run_with_its_own_metrics(chained, capsys):
+    import csv
+
+    from pipeline import compare
+
+    out = chained["tmp"] / "compare"
+    assert compare.main(["--runs", chained["result"].run_id, "--out", str(out)]) == 0
+    with open(out / "compare.csv", encoding="utf-8") as f:
+        (row,) = csv.DictReader(f)
+    metrics = chained["client"].get_run(chained["result"].run_id).data.metrics
+    for key in ("evaluate/eval/zh_smoke/acc", "evaluate/delta/zh_smoke/acc", "sft/loss", "align/loss",
+                "sft/tokens_per_second", "align/tokens_per_second", "export/wall_seconds"):
+        assert float(row[key.removeprefix("evaluate/")]) == pytest.approx(metrics[key]), key
+    assert float(row["total/wall_seconds"]) == pytest.approx(sum(metrics[f"{s}/wall_seconds"] for s in STAGES))
+    assert chained["result"].run_id[:8] in capsys.readouterr().out
+
+
 def test_pull_of_the_merged_model_reproduces_the_logits_logged_at_export(chained, capsys):
     dest = chained["tmp"] / "pulled"
     assert registry.main(["pull", "--model", "zh-align-merged@candidate", "--dest", str(dest), "--hw", "cpu",

@@ -79,7 +79,7 @@ def test_the_adapter_is_registered_aliased_and_generates(mlflow_store, adapter):
     loaded = mlflow.pyfunc.load_model(info["uri"])
     impl = loaded.unwrap_python_model()
     assert impl.system_prompt == model.system_prompt  # the zh prompt survives the MLmodel round trip
-    (text,) = loaded.predict([PROMPT])
+    (text,) = loaded.predict({"prompt": [PROMPT]})
     assert text and text == _greedy(peft, impl.tokenizer, model.system_prompt)
     with peft.disable_adapter():
         base_text = _greedy(peft, impl.tokenizer, model.system_prompt)
@@ -92,7 +92,7 @@ def test_the_adapter_is_registered_aliased_and_generates(mlflow_store, adapter):
             without = impl.model(**batch).logits
     assert not torch.allclose(with_adapter, without, atol=1e-4)
 
-    same = loaded.predict([[{"role": "user", "content": PROMPT}]])  # a conversation without a system turn
+    same = loaded.predict({"messages": [{"role": "user", "content": PROMPT}]})  # a conversation without a system turn
     assert same == [text]
     assert loaded.predict({"prompt": [PROMPT, PROMPT]}) == [text, text]  # batched (left-padded) = one at a time
 
@@ -110,7 +110,7 @@ def test_a_second_registration_moves_the_alias_and_load_time_config_overrides(ml
     short = mlflow.pyfunc.load_model(info["uri"], model_config={"max_new_tokens": 3})
     impl = short.unwrap_python_model()
     assert impl.max_new_tokens == 3
-    (text,) = short.predict([PROMPT])
+    (text,) = short.predict({"prompt": [PROMPT]})
     assert text == _greedy(peft, impl.tokenizer, model.system_prompt, max_new_tokens=3)
     assert len(text) < len(_greedy(peft, impl.tokenizer, model.system_prompt))  # cut short, by the override
 

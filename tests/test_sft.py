@@ -108,7 +108,7 @@ def test_a_run_logs_its_metrics_and_registers_the_adapter(pool, tmp_path, mlflow
     config = json.loads((Path(result.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     assert config["base_model_name_or_path"]  # the registered copy is checked for absolute paths in test_registry
     model = mlflow.pyfunc.load_model("models:/zh-align-sft@candidate")
-    out = model.predict(["你好，请介绍一下你自己。"])
+    out = model.predict({"prompt": ["你好，请介绍一下你自己。"]})
     assert len(out) == 1 and isinstance(out[0], str)
 
 

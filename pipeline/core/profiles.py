@@ -24,9 +24,11 @@ Precision = Literal["bf16", "fp16", "fp32"]
 
 @dataclass
 class TinySpec:
-    """Build the model offline from its ``architecture`` file with random weights and an in-process tokenizer."""
+    """Build the model offline from its ``architecture`` file with random weights and an in-process tokenizer
+    (``trained``: a BPE of ``tokenizer_vocab`` trained on the shipped corpus; ``qwen2.5``: Qwen2.5's real one)."""
     seed: int = 0
     tokenizer_vocab: int = 1024
+    tokenizer: Literal["trained", "qwen2.5"] = "trained"
 
 
 @dataclass

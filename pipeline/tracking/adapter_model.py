@@ -11,9 +11,13 @@ can be overridden at load time (``mlflow.pyfunc.load_model(uri, model_config={"b
 - ``max_new_tokens`` (64), ``dtype`` (``auto`` = bfloat16 on a GPU that supports it, else float32; or ``bfloat16`` /
   ``float16`` / ``float32``), ``device`` (``auto`` = cuda when available, else cpu; or a torch device string)
 
-``predict`` takes a list of prompts, a DataFrame with a ``prompt`` column, one conversation (a list of
-``{"role", "content"}`` dicts) or a list of conversations, and returns the greedy continuation of each, new text
-only. The file imports nothing from ``pipeline``: MLflow runs it on its own when the model is loaded.
+``predict`` takes ``{"prompt": [text, …]}``, ``{"messages": [{"role", "content"}, …]}`` (one conversation), a list of
+such records or a DataFrame with a ``prompt`` and/or a ``messages`` column (what the REST server hands over): the
+model's signature (``model_registry.signature()``) declares these, and MLflow's schema check turns a bare list of
+texts into an empty frame, so wrap texts as ``{"prompt": [...]}``. It returns the continuation of each, new text
+only: greedy, or sampled when the ``temperature`` param is above 0 (``top_p`` too); ``max_new_tokens`` overrides the
+config's.
+The file imports nothing from ``pipeline``: MLflow runs it on its own when the model is loaded.
 """
 
 from __future__ import annotations
@@ -69,9 +73,14 @@ class AdapterModel(PythonModel):
         texts = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         batch = batch.to(self.model.device)
-        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        params = params or {}
+        max_new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
+        temperature = float(params.get("temperature") or 0.0)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": float(params.get("top_p") or 1.0)} \
+            if temperature > 0 else {}
         with torch.inference_mode():
-            out = self.model.generate(**batch, generation_config=self.generation_config, max_new_tokens=max_new_tokens)
+            out = self.model.generate(**batch, generation_config=self.generation_config, max_new_tokens=max_new_tokens,
+                                      **sampling)
         new = out[:, batch["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -84,11 +93,12 @@ class AdapterModel(PythonModel):
 
 def _items(model_input: Any) -> list[Any]:
     """Prompts or conversations from the accepted input shapes."""
-    if hasattr(model_input, "columns"):  # a pandas DataFrame, as the REST server passes it
-        column = "prompt" if "prompt" in model_input.columns else "messages"
-        if column not in model_input.columns:
-            raise ValueError(f"a DataFrame input needs a 'prompt' column; got {list(model_input.columns)}")
-        items = model_input[column].tolist()
+    if hasattr(model_input, "columns"):  # a pandas DataFrame, as the REST server passes it: per row a prompt or messages
+        if not {"prompt", "messages"} & set(model_input.columns):
+            raise ValueError(f"the input needs a 'prompt' or 'messages' column; got {list(model_input.columns)}: pass "
+                             f'{{"prompt": ["…"]}} or {{"messages": [{{"role": "user", "content": "…"}}]}}')
+        items = [item for row in model_input.to_dict("records") for item in _row(row)]
+        return [item if isinstance(item, str) else [dict(m) for m in item] for item in items]
     elif isinstance(model_input, dict):
         items = model_input.get("prompt", model_input.get("messages"))
         if items is None:
@@ -101,6 +111,20 @@ def _items(model_input: Any) -> list[Any]:
     if items and isinstance(items[0], dict):  # a single conversation
         return [items]
     return [item if isinstance(item, str) else list(item) for item in items]
+
+
+def _row(row: dict[str, Any]) -> list[Any]:
+    """One DataFrame row: its prompt (text) or its messages (a conversation), whichever it has. MLflow turns a dict of
+    lists (``{"prompt": ["a", "b"]}``) into one row holding the lists: they are unpacked here."""
+    prompt, messages = row.get("prompt"), row.get("messages")
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt is not None and not isinstance(prompt, float) and len(prompt):  # float: pandas' NaN for a missing cell
+        return [str(p) for p in prompt]
+    if messages is not None and not isinstance(messages, float) and len(messages):
+        many = not isinstance(messages[0], dict)  # a list of conversations rather than one conversation
+        return [list(c) for c in messages] if many else [list(messages)]
+    raise ValueError(f"a row needs a 'prompt' (text) or 'messages' (a list of {{role, content}}); got {row}")
 
 
 mlflow.models.set_model(AdapterModel())

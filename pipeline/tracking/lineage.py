@@ -161,3 +161,16 @@ def chain_summary(ids: Mapping[str, str]) -> dict[str, Any]:
     return {"tracking_uri": tracking_uri(), "experiment": experiment.name if experiment else experiment_name(),
             "experiment_id": experiment.experiment_id if experiment else None, "children": children,
             "eval": evaluation, "gate": gate}
+
+
+def latest_runs(stage: str, n: int) -> list[str]:
+    """The ids of the newest ``n`` FINISHED runs tagged ``stage`` in the experiment, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(experiment_name())
+    if experiment is None:
+        return []
+    found = client.search_runs([experiment.experiment_id], max_results=n, order_by=["attributes.start_time DESC"],
+                               filter_string=f"tags.stage = '{stage}' and attributes.status = 'FINISHED'")
+    return [run.info.run_id for run in found]

@@ -36,6 +36,20 @@ _TRAINING_LEFTOVERS = ("checkpoint-*", "runs", "training_args.bin", "optimizer.p
                        "trainer_state.json")
 
 
+def signature() -> Any:
+    """What the served model accepts, so MLflow validates requests: per row a ``prompt`` (text) or ``messages`` (a
+    conversation of ``{role, content}``); params ``max_new_tokens`` (0 = the model config's), ``temperature``
+    (0 = greedy) and ``top_p``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", "string"), Property("content", "string")])
+    inputs = Schema([ColSpec("string", "prompt", required=False), ColSpec(Array(message), "messages", required=False)])
+    params = ParamSchema([ParamSpec("max_new_tokens", "long", 0), ParamSpec("temperature", "double", 0.0),
+                          ParamSpec("top_p", "double", 1.0)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string")]), params=params)
+
+
 def adapter_requirements() -> list[str]:
     """Pins of what the pyfunc imports, from the installed versions (local build tags such as ``+cpu`` dropped)."""
     return [f"{pkg}=={metadata.version(pkg).split('+', 1)[0]}" for pkg in ADAPTER_REQUIREMENTS]
@@ -114,7 +128,7 @@ def _register(artifacts: dict[str, str], model_config: dict[str, Any], registere
 
     info = mlflow.pyfunc.log_model(name=name, python_model=str(ADAPTER_MODEL_CODE), artifacts=artifacts,
                                    model_config=model_config, registered_model_name=registered_name,
-                                   pip_requirements=adapter_requirements())
+                                   pip_requirements=adapter_requirements(), signature=signature())
     version = int(info.registered_model_version)
     set_model_version_tags(registered_name, version, tags)
     MlflowClient().set_registered_model_alias(registered_name, alias, version)
@@ -196,6 +210,48 @@ def pull(ref: str, dest: Path, overwrite: bool = False, *, base: str = "",
         with atomic.replacing(dest, what="pulled model") as staged:  # whole or not at all; DEST kept on failure
             shutil.copytree(found[0], staged, dirs_exist_ok=True)
     return dest
+
+
+def download(ref: str) -> dict[str, Any]:
+    """A registered model (``name@alias``, ``name/version``, or a run id: the newest version that run registered) in a
+    local folder: ``{"folder", "adapter" (bool), "system_prompt", "base_model", "source"}``; ``system_prompt`` is the
+    one logged in the pyfunc's model_config."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    if "@" in ref or "/" in ref:
+        mv = registered_version(client, ref)
+    else:
+        try:
+            found = client.search_model_versions(f"run_id = '{ref}'")
+        except MlflowException as err:
+            raise StageError(f"{ref!r} is not a run id in {tracking_uri()}") from err
+        if not found:
+            raise StageError(f"{ref!r}: no model version was registered by a run of that id in {tracking_uri()}; give "
+                             f"`name@alias`, `name/version`, a run id that registered a model, or a folder")
+        mv = max(found, key=lambda v: int(v.version))
+    root = _artifacts_here(client, mv) or Path(mlflow.artifacts.download_artifacts(mv.source))
+    config = mlflow.models.Model.load(str(root)).flavors.get("python_function", {}).get("model_config") or {}
+    adapters = [p.parent for p in root.rglob("adapter_config.json")]
+    found = adapters or [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+    if not found:
+        raise StageError(f"{mv.name}/{mv.version} holds neither an adapter nor a merged model")
+    return {"folder": found[0], "adapter": bool(adapters), "system_prompt": config.get("system_prompt"),
+            "base_model": mv.tags.get("base_model", ""), "source": f"models:/{mv.name}/{mv.version}"}
+
+
+def _artifacts_here(client: Any, mv: Any) -> Path | None:
+    """The version's files where they already lie on this machine (a local store), so a 15 GB merged model is read in
+    place rather than copied on every load; None for a remote store."""
+    from urllib.parse import unquote, urlparse
+
+    model_id = getattr(mv, "model_id", None)
+    location = client.get_logged_model(model_id).artifact_location if model_id else ""
+    parsed = urlparse(location)
+    path = Path(unquote(parsed.path)) if parsed.scheme in ("", "file") and location else None
+    return path if path is not None and (path / "MLmodel").is_file() else None
 
 
 def registered_models(run_id: str) -> list[str]:

@@ -102,8 +102,10 @@ def rank0(fn: Any) -> Any:
 
 @contextmanager
 def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry_run: bool = False,
-              run_name: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+              run_name: str | None = None, tags: Mapping[str, str] | None = None,
+              system_metrics: bool = False) -> Iterator[Any]:
     """Open (or attach to) the stage's MLflow run and log what makes it reproducible; yields the ActiveRun.
+    ``system_metrics``: MLflow samples CPU, memory, disk, network and (with nvidia-ml-py) GPU use as ``system/…``.
     On ranks other than 0 (several processes) it opens nothing and yields None."""
     if rank() != 0:
         yield None
@@ -117,10 +119,10 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
     if owned:
         run_id = os.environ.get("MLFLOW_RUN_ID")
         if run_id:  # launched by `mlflow run`: attach, never set_experiment
-            active = mlflow.start_run(run_id=run_id)
+            active = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics or None)
         else:
             mlflow.set_experiment(experiment_name())
-            active = mlflow.start_run(run_name=run_name or f"{stage}-{hw}")
+            active = mlflow.start_run(run_name=run_name or f"{stage}-{hw}", log_system_metrics=system_metrics or None)
     else:
         active = mlflow.active_run()
     logdir = Path(tempfile.mkdtemp(prefix=f"zh-align-{stage}-"))
