@@ -22,10 +22,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import ROOT, repo_path, shown
+from pipeline.core.secrets import redact_urls
 from pipeline.stage.cli import guarded, setup_logging
 
 DEFAULT_DB = "sqlite:///server/mlflow.db"
@@ -52,12 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def masked(uri: str) -> str:
-    """A store URI as it is shown: a password in it replaced by ***."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    """A store URI as it is shown: a password in it redacted."""
+    return redact_urls(uri)
 
 
 def store_uri(db: str) -> str:

@@ -76,7 +76,7 @@ def test_a_folder_a_wrong_base_and_bad_settings(registered, capsys):
     assert chat.main(["--model", MODEL, "--hw", "cpu", "--temperature", "-1", "--top-p", "0"]) == 2
     err = capsys.readouterr().err
     assert "--temperature (TEMPERATURE) must be 0 (greedy) or more" in err and "--top-p (TOP_P)" in err
-    assert chat.main(["--model", "zh-align-sft@nope", "--hw", "cpu"]) == 1
+    assert chat.main(["--model", "zh-align-sft@nope", "--hw", "cpu"]) == 2
     assert "aliases of zh-align-sft: candidate" in capsys.readouterr().err
 
 

@@ -37,7 +37,8 @@ with runs.start_run("sft", r.as_dict(), hw=r.hw.name, model=r.model.name, run_na
     for step in range(1, steps + 1):
         runs.log_metrics({"loss": 10.0 / step, "grad_norm": 1.0 + step, "learning_rate": 1e-4 * step,
                           "tokens_per_second": 100.0 * step}, step=step)
-        runs.set_tags({"heartbeat": step})
+        runs.set_tags({"progress": step})
+        runs.heartbeat()
     runs.log_dict({"steps": steps, "写入者": name}, "summary.json")
     card = Path(tempfile.mkdtemp()) / "卡片.md"
     card.write_text("数据卡 " + name, encoding="utf-8")
@@ -83,7 +84,8 @@ def assert_writer_logged_every_step(client: mlflow.MlflowClient, run, steps: int
         assert [s for s, _ in history] == list(range(1, steps + 1)), key
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert losses == [10.0 / s for s in range(1, steps + 1)]
-    assert run.data.tags["heartbeat"] == str(steps) and run.data.params["config.lora.r"] == "16"
+    assert run.data.tags["progress"] == str(steps) and run.data.params["config.lora.r"] == "16"
+    assert float(run.data.tags["heartbeat"]) >= run.info.start_time / 1000 - 1  # the liveness beat, at the close
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "resolved_config.yaml"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "data")] == ["data/卡片.md"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["card"]

@@ -22,6 +22,7 @@ from pipeline.core.paths import ROOT
 from pipeline.core.profiles import HubConfig, available, load_model
 from pipeline.core.secrets import REDACTED, Scrubber, redact_urls
 from pipeline.models import loading
+from pipeline.stage import cli
 from pipeline.stage import resolve as resolve_module
 from pipeline.tracking import runs
 
@@ -121,6 +122,10 @@ def test_the_dry_run_page_shows_the_endpoint_and_the_tracking_uri_without_their_
     monkeypatch.setenv("HF_ENDPOINT", ENV["HF_ENDPOINT"])
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://trackuser:trackPW1234@127.0.0.1:9")
+    assert sft.main(["--hw", "4090"]) == 2  # the store is checked first; its one line names it without the password
+    err = capsys.readouterr().err
+    assert "trackPW1234" not in err and f"tracking store http://trackuser:{REDACTED}@127.0.0.1:9: no answer" in err
+    monkeypatch.setattr(cli, "check_store", lambda *a, **k: None)  # the page itself, as if the server had answered
     assert sft.main(["--hw", "4090"]) == 0
     page = capsys.readouterr().out
     assert "endpointPW5555" not in page and "trackPW1234" not in page

@@ -210,7 +210,8 @@ def test_two_stages_log_every_metric_through_a_server_on_postgresql(servers, tmp
     ("postgres://lab:hunter2@db.lab/mlflow", "SQLAlchemy spells the scheme postgresql://", 2),
     ("./mlruns", "expected a database URI", 2),
     ("sqlite:///:memory:", "forgets every run", 2),
-    ("postgresql://lab:hunter2@127.0.0.1:9/mlflow", "cannot connect to postgresql+psycopg2://lab:***@127.0.0.1:9/mlflow", 1),
+    ("postgresql://lab:hunter2@127.0.0.1:9/mlflow",
+     "cannot connect to postgresql+psycopg2://lab:[redacted]@127.0.0.1:9/mlflow", 1),
 ], ids=["postgres-scheme", "a-folder", "in-memory", "postgres-down"])
 def test_a_bad_store_is_named_before_any_server_starts(db, message, code, capsys):
     assert server.main(["--port", str(free_port()), "--db", db]) == code
@@ -230,7 +231,7 @@ def test_a_busy_port_is_named(capsys, tmp_path):
 def test_binding_beyond_this_machine_warns_that_there_is_no_authentication(capsys):
     server.announce("postgresql://lab:pw@db/mlflow", "server/artifacts", "0.0.0.0", 5000, 3.0)
     out = capsys.readouterr()
-    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in out.out and "lab:***@db" in out.out
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in out.out and "lab:[redacted]@db" in out.out
     assert "no authentication" in out.err
     server.announce("sqlite:///server/mlflow.db", "server/artifacts", "127.0.0.1", 5000, 3.0)
     assert capsys.readouterr().err == ""

@@ -176,7 +176,7 @@ def load_for_generation(folder: str | Path, adapter: bool, model: ModelDef):
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     path, revision = base_model_path(model) if adapter else (str(folder), None)
     net = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype,
-                                               device_map="cuda" if cuda else "cpu")
+                                               device_map="cuda" if cuda else "cpu", **safe_load_kwargs(model))
     if adapter:
         from peft import PeftModel
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from pipeline.core.errors import ConfigError
+from pipeline.core.secrets import redact_urls
 
 TIMEOUT_S = 4                # the one request's timeout: a dead server is named well within 10 s
 PROBED = {"alembic_version", "experiments", "runs", "metrics", "params", "tags", "registered_models", "model_versions"}
@@ -43,11 +44,8 @@ def _fail(uri: str, problem: str) -> None:
 
 
 def _shown(uri: str) -> str:
-    """The URI without the password of its userinfo (``http://user:***@host``)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
+    """The URI without the password of its userinfo."""
+    return redact_urls(uri)
 
 
 def _check_server(uri: str) -> None:

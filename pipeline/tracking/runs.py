@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -300,8 +301,16 @@ def log_file_input(path: Path, *, name: str, digest: str, context: str, tags: Ma
     with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so on every call
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
-    mlflow.log_input(MetaDataset(source, name=name, digest=digest[:32]), context=context,
-                     tags={k: str(v) for k, v in (tags or {}).items()})
+    dataset, tags = MetaDataset(source, name=name, digest=digest[:32]), {k: str(v) for k, v in (tags or {}).items()}
+    try:
+        mlflow.log_input(dataset, context=context, tags=tags)
+    except mlflow.exceptions.MlflowException as err:
+        # Two runs that log the same dataset (one pool, two stages started together) can both find it missing and
+        # both insert it; the loser's insert breaks the store's unique key. The dataset is there now: log it again.
+        if not re.search(r"unique constraint|duplicate key|UNIQUE", str(err), re.IGNORECASE):
+            raise
+        time.sleep(0.5)
+        mlflow.log_input(dataset, context=context, tags=tags)
 
 
 def has_run() -> bool:
