@@ -10,6 +10,7 @@ whose epoch-0 shares the manifest reports.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -177,16 +178,18 @@ class Built:
 def build(r: Resolved, tmp: Path) -> Built:
     """Read, clean, dedup, measure and split every source; returns the four pools as Arrow-backed datasets."""
     from pipeline.data import pool
+    from pipeline.models.loading import load_tokenizer
 
     cfg: PrepareConfig = r.cfg
     steps: dict[str, dict] = {s.name: {} for s in cfg.sources}
     records = pool.read_sources(cfg, steps, tmp)
     num_proc = cfg.num_proc or (os.cpu_count() if len(records) >= SMALL else None)
     index, eval_sets = eval_index(r)
+    tokenizer = functools.cache(lambda: load_tokenizer(r.model))  # loaded once for both row types, when needed
     pools: dict[str, Any] = {}
     for kind in ("sft", "pref"):
         part = pool.of_kind(records, kind)
-        train, held_out = pool.clean(part, kind, r, steps, num_proc, index)
+        train, held_out = pool.clean(part, kind, r, steps, num_proc, index, tokenizer)
         pools[f"{kind}.jsonl"], pools[f"{kind}_eval.jsonl"] = train, held_out
     rows = {name: len(ds) for name, ds in pools.items()}
     for name, st in steps.items():

@@ -575,7 +575,7 @@ def test_progress_in_a_log_file_is_one_line_per_map_step(tmp_path):
     import re
 
     lines = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=True)) if x.strip()]
-    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s\)", lines[0])
+    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s; [\d.]+ CPU s\)", lines[0])
     bars = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=False)) if x.strip()]
     assert len(bars) > 5  # what a log got before: one line per bar update
 

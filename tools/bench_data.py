@@ -117,7 +117,7 @@ def _row(i: int, rng: random.Random, recent: deque[tuple[str, str]]) -> dict[str
         user, answer = _pair(rng)
         recent.append((user, answer))
     record = sft([turn("user", user), turn("assistant", answer)], f"bench-{i}")
-    return {**record, "source": "bench", "n_tokens": len(user) + len(answer) + 16}
+    return {**record, "source": "coig_pc_core", "n_tokens": len(user) + len(answer) + 16}
 
 
 def rows(shards: list[int], n: int, seed: int) -> Iterator[dict[str, Any]]:
