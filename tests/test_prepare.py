@@ -559,10 +559,13 @@ def _map_output(tmp_path, bars_off: bool) -> str:
     import subprocess
     import sys
 
-    script = ("import logging, time, datasets\nfrom pipeline.data import pool\nlogging.basicConfig(level=logging.INFO)\n"
-              "ds = datasets.Dataset.from_dict({'x': list(range(4000))})\n"
+    script = ("import logging, time, datasets, pyarrow as pa\nfrom pipeline.data import pool\n"
+              "logging.basicConfig(level=logging.INFO)\ndatasets.disable_progress_bars()\n"
+              f"ds = datasets.Dataset.from_dict({{'x': list(range(4000))}}).flatten_indices(cache_file_name="
+              f"{str(tmp_path / f'x-{bars_off}.arrow')!r})\ndatasets.enable_progress_bars()\n"
               "def slow(b):\n    time.sleep(0.03)\n    return {'y': b['x']}\n"
-              + ("pool.map_step(ds, slow, 'demo step', batch_size=100)\n" if bars_off else
+              + ("pool.mapped(ds, slow, 'demo step', num_proc=2, batch_size=100, input_columns=['x'], keep=[], "
+                 "types={'y': pa.int64()}, fn_kwargs={})\n" if bars_off else
                  "ds.map(slow, batched=True, batch_size=100, desc='demo step')\n"))
     log = tmp_path / f"log-{bars_off}.txt"
     with open(log, "w", encoding="utf-8") as f:
@@ -575,7 +578,8 @@ def test_progress_in_a_log_file_is_one_line_per_map_step(tmp_path):
     import re
 
     lines = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=True)) if x.strip()]
-    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s; [\d.]+ CPU s\)", lines[0])
+    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s; [\d.]+ CPU s\)",
+                                         lines[0])
     bars = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=False)) if x.strip()]
     assert len(bars) > 5  # what a log got before: one line per bar update
 

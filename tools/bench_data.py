@@ -33,6 +33,7 @@ from unittest import mock
 
 from pipeline.core.paths import repo_path
 from pipeline.data import clean as C
+from pipeline.data.pool import cpu_seconds
 from pipeline.data.sources.base import sft, turn
 from pipeline.data.text import classify, dedup_key, normalise, script
 from pipeline.prepare import PrepareConfig
@@ -45,7 +46,6 @@ TARGET_SPEEDUP, TARGET_RSS, TARGET_RATIO, TARGET_E2E_S = 1.5, 2 * GiB, 0.8, 300.
 MODEL = "qwen2.5-7b-instruct"  # whose tokenizer (built offline), chat template and system prompt measure tokens
 BARE_CHUNK = 20_000  # rows per bare encode_batch call
 SHARD = 25_000  # rows per generator shard: each has its own seeded RNG, so the rows do not depend on --num-proc
-UNUSED = ["kind", "lang_hint", "prompt", "chosen", "rejected"]  # what the stage's SFT map removes
 DEFAULTS = PrepareConfig(sources=[])
 CLEAN_KW = {"min_chars": DEFAULTS.filters.min_chars, "min_cn_ratio": DEFAULTS.filters.min_cn_ratio,
             "allow_english": DEFAULTS.filters.allow_english_fallback, "eval_fraction": DEFAULTS.eval_fraction}
@@ -185,11 +185,12 @@ def cleaning_path(ds, num_proc: int) -> tuple[dict[str, Any], Any]:
     import numpy as np
     import pyarrow.compute as pc
 
+    from pipeline.data import pool
+
     times: dict[str, float] = {}
     with peak_memory() as rss:
         with clock(times, "map"):
-            cleaned = ds.map(C.clean_sft, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=UNUSED,
-                             desc="sft: clean", fn_kwargs=CLEAN_KW)
+            cleaned = pool.clean_rows(ds, "sft", DEFAULTS, num_proc)
         with clock(times, "filter"):
             table = cleaned.data  # a fresh map output: no indices mapping, so rows are table rows
             keep = np.flatnonzero(pc.equal(table.column("drop"), "").to_numpy(False))
@@ -283,12 +284,14 @@ def end_to_end(ds, folder: Path, num_proc: int) -> dict[str, Any]:
     loading.load_tokenizer = lambda m: load_qwen25_tokenizer() if m.name == MODEL else hub(m)
     try:
         r = resolve("prepare", config=folder / "prepare.yaml", hw="cpu")
+        load, cpu = os.getloadavg(), cpu_seconds()
         with peak_memory() as rss, clock(times, "wall"):
             result = prepare.run(r)
     finally:
         loading.load_tokenizer = hub
     return {"rows": len(ds), "sources": sorted(sources), "seconds": times["wall"], "rows_per_s": len(ds) / times["wall"],
-            "outputs": result.rows, "peak_rss": dict(rss)}
+            "cpu_seconds": cpu_seconds() - cpu, "load_avg": [load, os.getloadavg()], "outputs": result.rows,
+            "peak_rss": dict(rss)}
 
 
 # --- The naive loop (in a spawned child) -----------------------------------------------------------------------------
@@ -341,8 +344,9 @@ def _naive_child(files: list[str]) -> dict[str, Any]:
 
 
 # --- The run and its report ------------------------------------------------------------------------------------------
-def run(n: int, num_proc: int, seed: int) -> dict[str, Any]:
-    """Generate; clean; the token pass beside a bare encode_batch; the naive loop; the stage end to end."""
+def run(n: int, num_proc: int, seed: int, e2e_only: bool = False) -> dict[str, Any]:
+    """Generate; clean; the token pass beside a bare encode_batch; the naive loop; the stage end to end (only that
+    with ``e2e_only``)."""
     import datasets
 
     datasets.disable_progress_bars()  # one log line per step instead (pool.map_step)
@@ -352,6 +356,10 @@ def run(n: int, num_proc: int, seed: int) -> dict[str, Any]:
         start = time.perf_counter()
         ds = generate(n, seed, Path(tmp), num_proc)
         io = {"rows": n, "seconds": time.perf_counter() - start, "arrow_bytes": ds.data.nbytes}
+        if e2e_only:
+            e2e = end_to_end(ds, Path(tmp) / "e2e", num_proc)
+            return {"rows": n, "seed": seed, "machine": machine(num_proc, load), "file_io": io, "end_to_end": e2e,
+                    "targets": targets(None, None, None, e2e)}
         log.info("cleaning path with %d workers", num_proc)
         path, kept = cleaning_path(ds, num_proc)
         log.info("token pass on %d rows: bare encode_batch, then the stage's", len(kept))
@@ -367,22 +375,25 @@ def run(n: int, num_proc: int, seed: int) -> dict[str, Any]:
             "targets": targets(path, slow, tokens, e2e)}
 
 
-def targets(path: dict, slow: dict, tok: dict, e2e: dict) -> dict[str, dict[str, Any]]:
-    """Each target: what it says, its value, shown, and PASS or FAIL."""
-    mem, speedup, per_1m = path["peak_rss"], path["rows_per_s"] / slow["rows_per_s"], 1e6 / e2e["rows_per_s"]
-    main, worker, pss, rss = mem["main"], mem["worker_max"], e2e["peak_rss"]["all_pss"], e2e["peak_rss"]["all_rss"]
+def targets(path: dict | None, slow: dict | None, tok: dict | None, e2e: dict) -> dict[str, dict[str, Any]]:
+    """Each target measured: what it says, its value, shown, and PASS or FAIL."""
+    per_1m, pss, rss = 1e6 / e2e["rows_per_s"], e2e["peak_rss"]["all_pss"], e2e["peak_rss"]["all_rss"]
+    rows = [("e2e_seconds_per_1m", f"end to end, 1M rows <= {TARGET_E2E_S:.0f} s", per_1m, f"{per_1m:.0f} s",
+             per_1m <= TARGET_E2E_S),
+            ("e2e_peak_pss_all", "end to end PSS, all <= 2 GiB", pss, _gib(pss), pss <= TARGET_RSS),
+            ("e2e_peak_rss_all", "end to end RSS summed <= 2 GiB", rss, _gib(rss), rss <= TARGET_RSS)]
+    if path is None or slow is None or tok is None:
+        return {key: {"target": t, "value": v, "shown": shown, "pass": bool(ok)} for key, t, v, shown, ok in rows}
+    mem, speedup = path["peak_rss"], path["rows_per_s"] / slow["rows_per_s"]
+    main, worker = mem["main"], mem["worker_max"]
     same = (path["kept"], path["buckets"]) == (slow["kept"], slow["buckets"])
-    rows = [("speedup", f"cleaning >= {TARGET_SPEEDUP}x naive", speedup, f"{speedup:.2f}x", speedup >= TARGET_SPEEDUP),
+    rows += [("speedup", f"cleaning >= {TARGET_SPEEDUP}x naive", speedup, f"{speedup:.2f}x", speedup >= TARGET_SPEEDUP),
             ("peak_rss_main", "cleaning RSS main <= 2 GiB", main, _gib(main), main <= TARGET_RSS),
             ("peak_rss_worker", "cleaning RSS per worker <= 2 GiB", worker, _gib(worker), worker <= TARGET_RSS),
             ("same_rows_as_naive", "same rows and buckets as naive", same, "", same),
             ("token_ratio", f"token pass >= {TARGET_RATIO}x bare", tok["ratio"], f"{tok['ratio']:.2f}x",
              tok["ratio"] >= TARGET_RATIO),
-            ("same_lengths_as_bare", "same token lengths as bare", tok["same_lengths"], "", tok["same_lengths"]),
-            ("e2e_seconds_per_1m", f"end to end, 1M rows <= {TARGET_E2E_S:.0f} s", per_1m, f"{per_1m:.0f} s",
-             per_1m <= TARGET_E2E_S),
-            ("e2e_peak_pss_all", "end to end PSS, all <= 2 GiB", pss, _gib(pss), pss <= TARGET_RSS),
-            ("e2e_peak_rss_all", "end to end RSS summed <= 2 GiB", rss, _gib(rss), rss <= TARGET_RSS)]
+            ("same_lengths_as_bare", "same token lengths as bare", tok["same_lengths"], "", tok["same_lengths"])]
     return {key: {"target": t, "value": v, "shown": shown, "pass": bool(ok)} for key, t, v, shown, ok in rows}
 
 
@@ -413,10 +424,23 @@ def _line(name: str, rows: int, seconds: float, extra: str = "") -> str:
 
 def table(res: dict[str, Any]) -> str:
     """The report as a plain-text table."""
-    io, path, slow, tok, e2e = (res[k] for k in ("file_io", "cleaning_path", "naive", "token_pass", "end_to_end"))
-    k, rss, mem = res["machine"]["num_proc"], path["peak_rss"], e2e["peak_rss"]
+    io, e2e, k = res["file_io"], res["end_to_end"], res["machine"]["num_proc"]
+    mem = e2e["peak_rss"]
     lines = [f"{'phase':<36}{'rows':>10}{'seconds':>9}{'rows/s':>11}  tokens/s, peak memory",
              _line("file I/O (generate + write Arrow)", io["rows"], io["seconds"], f"({_gib(io['arrow_bytes'])} Arrow)"),
+             _line(f"prepare end to end (K={k})", e2e["rows"], e2e["seconds"], f"all: {_gib(mem['all_pss'])} PSS, "
+                   f"{_gib(mem['all_rss'])} RSS summed; main {_gib(mem['main'])} RSS; {e2e['cpu_seconds']:.0f} CPU s; "
+                   f"load {e2e['load_avg'][0][0]:.1f}→{e2e['load_avg'][1][0]:.1f}")]
+    if "cleaning_path" in res:
+        lines += _micro_lines(res)
+    lines += [f"{t['target']:<40}{t['shown']:>10}  {'PASS' if t['pass'] else 'FAIL <<<'}" for t in res["targets"].values()]
+    return "\n".join(lines)
+
+
+def _micro_lines(res: dict[str, Any]) -> list[str]:
+    io, path, slow, tok, e2e = (res[k] for k in ("file_io", "cleaning_path", "naive", "token_pass", "end_to_end"))
+    k, rss = res["machine"]["num_proc"], path["peak_rss"]
+    return [
              _line(f"cleaning path (K={k})", path["rows"], path["seconds"], f"main {_gib(rss['main'])}, worker max "
                    f"{_gib(rss['worker_max'])}; " + ", ".join(f"{s} {v:.1f}s" for s, v in path["steps_s"].items())),
              _line("naive loop (1 process)", slow["rows"], slow["seconds"],
@@ -425,11 +449,7 @@ def table(res: dict[str, Any]) -> str:
                    f"{tok['stage']['tokens_per_s']:,.0f} tok/s; all: {_gib(tok['peak_rss']['all_pss'])} PSS"),
              _line("token pass, bare encode_batch", tok["rows"], tok["bare"]["seconds"],
                    f"{tok['bare']['tokens_per_s']:,.0f} tok/s ({tok['tokens']:,} tokens)"),
-             _line(f"prepare end to end (K={k})", e2e["rows"], e2e["seconds"], f"all: {_gib(mem['all_pss'])} PSS, "
-                   f"{_gib(mem['all_rss'])} RSS summed; main {_gib(mem['main'])} RSS"),
              f"kept {path['kept']} rows (naive {slow['kept']}); buckets {path['buckets']}; e2e outputs {e2e['outputs']}\n"]
-    lines += [f"{t['target']:<40}{t['shown']:>10}  {'PASS' if t['pass'] else 'FAIL <<<'}" for t in res["targets"].values()]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="map workers (default: every core)")
     parser.add_argument("--out", default="outputs/bench/bench-data.json", help="the JSON report")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--e2e-only", action="store_true", help="only the stage end to end (no micro-benchmarks)")
     args = parser.parse_args(argv)
     setup_logging()
-    res = run(args.rows, args.num_proc, args.seed)
+    res = run(args.rows, args.num_proc, args.seed, args.e2e_only)
     out = repo_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,32 @@ def read(ds, columns: Sequence[str] | None = None) -> Iterator[Any] | None:
             at += n
 
     return tables()
+
+
+def arrow_column(ds, name: str):
+    """One column as a single Arrow array, taken at the dataset's indices (no Python objects)."""
+    col = ds.data.table.column(name)
+    return (col if ds._indices is None else col.take(ds._indices.column(0))).combine_chunks()
+
+
+def codes(values) -> tuple[Any, list]:
+    """An Arrow column as (an int array of codes, the distinct values in order of first appearance)."""
+    import numpy as np
+
+    enc = values.dictionary_encode()
+    return np.asarray(enc.indices.to_numpy(zero_copy_only=False)), enc.dictionary.to_pylist()
+
+
+def value_counts(values) -> dict[str, int]:
+    """How often each value occurs in an Arrow column."""
+    return {v["values"]: v["counts"] for v in values.value_counts().to_pylist()}
+
+
+def pair_counts(a, b) -> Counter:
+    """Counter of (a, b) pairs over two aligned Arrow columns: a count per distinct pair, no loop over rows."""
+    import numpy as np
+
+    (ca, va), (cb, vb) = codes(a), codes(b)
+    pairs, n = np.unique(ca.astype(np.int64) * max(1, len(vb)) + cb, return_counts=True)
+    return Counter({(va[p // max(1, len(vb))], vb[p % max(1, len(vb))]): int(k)
+                    for p, k in zip(pairs.tolist(), n.tolist(), strict=True)})

@@ -1,9 +1,10 @@
 """The prepare stage's data path on Arrow: records → cleaned, deduplicated, measured pools, counted per source.
 
-Rows live in ``datasets.Dataset`` objects backed by Arrow files in a temporary folder (memory-mapped, so a million
-rows do not sit in Python lists); the per-row work runs in ``Dataset.map(batched=True, num_proc=…)``. Every step
-records, per source and row type, how many rows it removed and why (``steps``), which the manifest and data card show.
-Progress bars are drawn only on a terminal; in a log each step is one line (:func:`progress_bars`, :func:`map_step`).
+Rows live in ``datasets.Dataset`` objects backed by Arrow files in a temporary folder (a million rows never sit in
+Python lists); the per-row work runs in batches on every core (:mod:`pipeline.data.batches`: the files streamed, not
+memory-mapped), and the counts between the passes are Arrow / numpy operations on columns. Every step records, per
+source and row type, how many rows it removed and why (``steps``), which the manifest and data card show. Each pass
+logs one line (rows, seconds, rows/s, CPU seconds), never a progress bar (:func:`mapped`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +24,7 @@ from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
 from pipeline.data import batches, sources
 from pipeline.data import clean as C
+from pipeline.data.batches import arrow_column, codes, pair_counts, value_counts
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.files import list_files
 
@@ -34,28 +35,6 @@ STEP_OF = {C.EMPTY_TURN: "hygiene", C.SAME_ANSWER: "hygiene", C.OTHER_LANG: "lan
            C.NO_FALLBACK: "language", C.DUPLICATE: "dedup", C.OVER_LENGTH: "length"}
 TOKEN_BATCH = 4000  # rows per token-length batch: one tokenizer call each, on every core's worker
 WRITE_CHUNK = 20_000  # rows per write of a pool's lines
-
-
-def progress_bars() -> bool:
-    """Whether datasets draws its progress bars: only when stderr (where they go) is a terminal. In a log file, CI or
-    a piped ``mlflow run`` they are turned off, since each update would be a line; :func:`map_step` logs one line per
-    step instead."""
-    from datasets.utils.logging import disable_progress_bar, is_progress_bar_enabled
-
-    if not sys.stderr.isatty():
-        disable_progress_bar()
-    return is_progress_bar_enabled()
-
-
-def map_step(ds, fn, desc: str, **kwargs: Any):
-    """``ds.map(fn, batched=True, …)``; without progress bars, one log line with its rows, seconds and rows/s."""
-    start, cpu, bars = time.perf_counter(), cpu_seconds(), progress_bars()
-    out = ds.map(fn, batched=True, desc=desc, **kwargs)
-    if not bars:
-        seconds = time.perf_counter() - start
-        log.info("%s: %d rows in %.1f s (%.0f rows/s; %.1f CPU s)", desc, len(ds), seconds,
-                 len(ds) / max(seconds, 1e-9), cpu_seconds() - cpu)
-    return out
 
 
 def cpu_seconds() -> float:
@@ -197,35 +176,6 @@ def _dropped(steps: dict[str, dict], kind: str, pairs: Counter) -> None:
             d[reason] = d.get(reason, 0) + n
 
 
-def arrow_column(ds, name: str):
-    """One column as a single Arrow array, taken at the dataset's indices (no Python objects)."""
-    col = ds.data.table.column(name)
-    return (col if ds._indices is None else col.take(ds._indices.column(0))).combine_chunks()
-
-
-def codes(values) -> tuple[Any, list]:
-    """An Arrow column as (an int array of codes, the distinct values in order of first appearance)."""
-    import numpy as np
-
-    enc = values.dictionary_encode()
-    return np.asarray(enc.indices.to_numpy(zero_copy_only=False)), enc.dictionary.to_pylist()
-
-
-def value_counts(values) -> dict[str, int]:
-    """How often each value occurs in an Arrow column."""
-    return {v["values"]: v["counts"] for v in values.value_counts().to_pylist()}
-
-
-def pair_counts(a, b) -> Counter:
-    """Counter of (a, b) pairs over two aligned Arrow columns: a count per distinct pair, no loop over rows."""
-    import numpy as np
-
-    (ca, va), (cb, vb) = codes(a), codes(b)
-    pairs, n = np.unique(ca.astype(np.int64) * max(1, len(vb)) + cb, return_counts=True)
-    return Counter({(va[p // max(1, len(vb))], vb[p % max(1, len(vb))]): int(k)
-                    for p, k in zip(pairs.tolist(), n.tolist(), strict=True)})
-
-
 def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | None, index: Any = None,
           tokenizer: Callable[[], Any] | None = None):
     """Clean, filter, dedup, decontaminate, measure and split one row type; returns (train pool, eval pool).
@@ -240,18 +190,7 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     cfg = r.cfg
     if len(part) == 0:
         return part, part
-    import pyarrow as pa
-
-    part = compact(part)
-    texts = {t: part.features.arrow_schema.field(t).type for t in TEXTS[kind]}
-    types = {**texts, **dict.fromkeys(("id", "group", "lang", "drop", "contaminated"), pa.string()),
-             "han_share": pa.float64(), "eval": pa.bool_()}
-    cleaned = mapped(part, C.clean_sft if kind == "sft" else C.clean_pref, f"{kind}: clean", num_proc=num_proc,
-                     batch_size=1000, input_columns=[*texts, "lang_hint", "group"],
-                     keep=["source_id", "meta", "source"], types=types, fn_kwargs={
-                         "min_chars": cfg.filters.min_chars, "min_cn_ratio": cfg.filters.min_cn_ratio,
-                         "allow_english": cfg.filters.allow_english_fallback, "eval_fraction": cfg.eval_fraction,
-                         "index": index})
+    cleaned = clean_rows(part, kind, cfg, num_proc, index)
     keep = _decontaminate(cleaned, _first_clean_rows(cleaned, kind, steps), kind, steps)
     kept = compact(cleaned.select(keep))
     del cleaned
@@ -268,6 +207,24 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     _summarise(measured, kind, steps)
     is_eval = np.asarray(arrow_column(measured, "eval"), dtype=bool)
     return measured.select(np.flatnonzero(~is_eval)), measured.select(np.flatnonzero(is_eval))
+
+
+def clean_rows(part, kind: str, cfg: Any, num_proc: int | None, index: Any = None):
+    """The cleaning map (:func:`clean.clean_sft` / :func:`clean.clean_pref`, with decontamination by ``index``) over
+    one row type's records on ``num_proc`` workers: the cleaned texts and the added columns, the other columns kept
+    as they are (``kind`` and ``lang_hint`` left out)."""
+    import pyarrow as pa
+
+    part = compact(part)
+    texts = {t: part.features.arrow_schema.field(t).type for t in TEXTS[kind]}
+    types = {**texts, **dict.fromkeys(("id", "group", "lang", "drop", "contaminated"), pa.string()),
+             "han_share": pa.float64(), "eval": pa.bool_()}
+    keep = [c for c in part.column_names if c not in (*TEXTS["sft"], *TEXTS["pref"], "kind", "lang_hint", *types)]
+    return mapped(part, C.clean_sft if kind == "sft" else C.clean_pref, f"{kind}: clean", num_proc=num_proc,
+                  batch_size=1000, input_columns=[*texts, "lang_hint", "group"], keep=keep, types=types, fn_kwargs={
+                      "min_chars": cfg.filters.min_chars, "min_cn_ratio": cfg.filters.min_cn_ratio,
+                      "allow_english": cfg.filters.allow_english_fallback, "eval_fraction": cfg.eval_fraction,
+                      "index": index})
 
 
 def _first_clean_rows(cleaned, kind: str, steps: dict[str, dict]):
