@@ -127,8 +127,9 @@ def plan(r: Resolved) -> Plan:
     ], inputs=[*inputs, base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "pools + manifest + data card")]
                + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES],
-       estimate=Estimate([("memory", f"CPU only: Arrow-backed maps on {_workers(cfg.num_proc)}, the rows "
-                                     f"memory-mapped (make bench-data measures rows/s and peak RSS); no GPU")]))
+       estimate=Estimate([("memory", f"CPU only: batched passes on {_workers(cfg.num_proc)}, the rows "
+                                     f"streamed from Arrow files (make bench-data measures time and peak memory); "
+                                     f"no GPU")]))
 
 
 def _workers(num_proc: int | None) -> str:

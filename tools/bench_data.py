@@ -1,11 +1,12 @@
-"""``make bench-data``: the prepare stage's data path on N synthetic zh/en rows (seeded: ~70 % zh, full-width forms,
-code, ~5 % duplicates, empty turns). A developer harness. Cleaning: the stage's map → drop filter → ``first_seen`` →
-``bucket_of``, beside the same functions over a list in a spawned child. Token pass: every kept row through
-``pool.count`` with Qwen2.5's real tokenizer (built offline) and system prompt, beside one bare ``encode_batch`` of the
-same rendered texts (same lengths required). End to end: ``prepare.run`` on the rows as COIG-PC-core (90 %) and
-UltraFeedback (10 %) files in their hub layouts. Memory: psutil every 100 ms; all processes as PSS (shared pages
-split) and RSS summed (a forked worker counts shared pages again). A missed target prints FAIL, exit code 0. ``--out``:
-JSON with the machine, versions, command, date, load averages (a shared machine: compare within one run).
+"""``make bench-data``: the prepare stage's data path on N synthetic zh/en rows (``bench_rows.py``: seeded, ~70 %
+zh, full-width forms, code, ~5 % duplicates, empty turns). A developer harness. Cleaning: the stage's map → drop
+filter → ``first_seen`` → ``bucket_of``, beside the same functions over a list in a spawned child. Token pass: every
+kept row through ``pool.count`` with Qwen2.5's real tokenizer (built offline) and system prompt, beside one bare
+``encode_batch`` of the same rendered texts (same lengths required). End to end: ``prepare.run`` on the rows as
+COIG-PC-core (90 %) and UltraFeedback (10 %) files in their hub layouts, with its CPU seconds (``--e2e-only``: that
+alone). Memory: psutil every 100 ms; all processes as PSS (shared pages split) and RSS summed (a forked worker counts
+shared pages again). A missed target prints FAIL, exit code 0. ``--out``: JSON with the machine, versions, command,
+date, load averages (a shared machine: compare within one run).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import logging
 import multiprocessing
 import os
 import platform
-import random
 import resource
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from bench_rows import SHARD, generate
+
 from pipeline.core.paths import repo_path
 from pipeline.data import clean as C
 from pipeline.data.pool import cpu_seconds
-from pipeline.data.sources.base import sft, turn
 from pipeline.data.text import classify, dedup_key, normalise, script
 from pipeline.prepare import PrepareConfig
 from pipeline.stage.cli import setup_logging
@@ -45,101 +46,10 @@ GiB = 1024 ** 3
 TARGET_SPEEDUP, TARGET_RSS, TARGET_RATIO, TARGET_E2E_S = 1.5, 2 * GiB, 0.8, 300.0  # E2E: seconds per 1M rows
 MODEL = "qwen2.5-7b-instruct"  # whose tokenizer (built offline), chat template and system prompt measure tokens
 BARE_CHUNK = 20_000  # rows per bare encode_batch call
-SHARD = 25_000  # rows per generator shard: each has its own seeded RNG, so the rows do not depend on --num-proc
 DEFAULTS = PrepareConfig(sources=[])
 CLEAN_KW = {"min_chars": DEFAULTS.filters.min_chars, "min_cn_ratio": DEFAULTS.filters.min_cn_ratio,
             "allow_english": DEFAULTS.filters.allow_english_fallback, "eval_fraction": DEFAULTS.eval_fraction}
 EDGES = list(DEFAULTS.buckets)
-
-ZH = ("今天天气很好", "我们一起去公园散步", "请解释一下这个问题", "机器学习是人工智能的一个分支",
-      "这个模型的效果不错", "首先需要准备数据", "然后训练一个小模型", "最后评估它在测试集上的表现",
-      "中文分词并不简单", "深度学习需要大量的计算资源", "你可以用Python来实现", "这段代码有一个错误",
-      "请给出三个例子", "北京是中国的首都", "长江是亚洲最长的河流", "学习率设得太大会导致训练不稳定",
-      "我觉得这个方案可行", "他们在会议上讨论了预算", "数据清洗是关键的一步", "注意不要过拟合", "可以先看看文档",
-      "这本书讲的是历史", "春天来了，花都开了", "请把下面的句子翻译成英文", "第3章介绍了GPU的用法", "总共有12个样本",
-      "答案是42", "用户反馈说界面太复杂", "我们应该尊重每个人的意见")
-EN = ("the", "model", "data", "training", "is", "a", "of", "to", "and", "learning", "rate", "we", "can", "use",
-      "this", "function", "returns", "value", "please", "explain", "why", "how", "example", "first", "then",
-      "Python", "GPU", "network", "loss", "batch", "size", "token", "text", "language", "answer", "question")
-CODE = ("```python\ndef add(a, b):\n    return a  +  b   \n```", "```\nfor i in range(10):\n    print(i)\n```",
-        "```bash\npip install  datasets\n```", "```js\nconst x  =  [1, 2, 3];\n```")
-SHORT = ("", " ", "　", "好", "a", "\n")
-WIDE = {cp: cp + 0xFEE0 for cp in (*range(0x30, 0x3A), *range(0x41, 0x5B), *range(0x61, 0x7B))} | {0x20: 0x3000}
-
-
-# --- Synthetic rows --------------------------------------------------------------------------------------------------
-def _zh(rng: random.Random, n: int) -> str:
-    parts = []
-    while sum(map(len, parts)) < n:
-        parts.append(rng.choice(ZH) + rng.choice("，，，。。！？") + ("\n" if rng.random() < 0.08 else ""))
-    return "".join(parts)
-
-
-def _en(rng: random.Random, n: int) -> str:
-    words = rng.choices(EN, k=max(1, n // 5))
-    return " ".join(words).capitalize() + rng.choice(".?!") + ("  \n" if rng.random() < 0.2 else "")
-
-
-def _text(rng: random.Random, zh: bool, n: int) -> str:
-    text = _zh(rng, n) if zh else _en(rng, n)
-    if rng.random() < 0.1:  # a full-width stretch and ideographic spaces
-        cut = rng.randrange(len(text) + 1)
-        text = text[:cut] + "ＧＰＵ　１２８ｇｂ　" + text[cut:]
-    if rng.random() < 0.05:
-        text = "  " + text.replace("\n", "   \r\n") + "\t\t"
-    return text
-
-
-def _near(text: str, rng: random.Random) -> str:
-    """A near duplicate: the same dedup key, another training text (width, case or spacing)."""
-    how = rng.randrange(3)
-    return text.translate(WIDE) if how == 0 else text.upper() if how == 1 else text.replace(" ", "  ") + " \n"
-
-
-def _pair(rng: random.Random) -> tuple[str, str]:
-    zh = rng.random() < 0.7
-    # log-uniform lengths, as in real SFT sets: most turns short, a long tail (prompts 10-200, answers 50-600 chars)
-    user, answer = _text(rng, zh, int(10 * 20 ** rng.random())), _text(rng, zh, int(50 * 12 ** rng.random()))
-    if rng.random() < 0.08:
-        answer += "\n" + rng.choice(CODE) + "\n" + _text(rng, zh, rng.randint(10, 80))
-    if rng.random() < 0.02:
-        user, answer = (rng.choice(SHORT), answer) if rng.random() < 0.5 else (user, rng.choice(SHORT))
-    return user, answer
-
-
-def _row(i: int, rng: random.Random, recent: deque[tuple[str, str]]) -> dict[str, Any]:
-    r = rng.random()
-    if recent and r < 0.03:
-        user, answer = rng.choice(recent)
-    elif recent and r < 0.05:
-        user, answer = (_near(t, rng) for t in rng.choice(recent))
-    else:
-        user, answer = _pair(rng)
-        recent.append((user, answer))
-    record = sft([turn("user", user), turn("assistant", answer)], f"bench-{i}")
-    return {**record, "source": "coig_pc_core", "n_tokens": len(user) + len(answer) + 16}
-
-
-def rows(shards: list[int], n: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Rows ``[shard * SHARD, (shard + 1) * SHARD)`` of an n-row set, one seeded RNG per shard."""
-    for shard in shards:
-        rng, recent = random.Random(f"{seed}:{shard}"), deque(maxlen=500)
-        for i in range(shard * SHARD, min(n, (shard + 1) * SHARD)):
-            yield _row(i, rng, recent)
-
-
-def generate(n: int, seed: int, folder: Path, num_proc: int):
-    """The synthetic rows as an Arrow-backed Dataset in ``folder`` (the stage's record schema + ``n_tokens``)."""
-    from datasets import Dataset, Value
-
-    from pipeline.data.pool import features as record_features
-
-    features = record_features()
-    features["n_tokens"] = Value("int32")
-    shards = list(range(-(-n // SHARD)))
-    return Dataset.from_generator(rows, features=features, cache_dir=str(folder), num_proc=min(num_proc, len(shards)),
-                                  gen_kwargs={"shards": shards, "n": n, "seed": seed})
-
 
 # --- Measuring -------------------------------------------------------------------------------------------------------
 @contextmanager
@@ -217,7 +127,7 @@ def token_pass(kept, num_proc: int) -> dict[str, Any]:
 
     tokenizer, system = load_qwen25_tokenizer(), load_model(MODEL).system_prompt
     render, backend, bare, times = C.Lengths(tokenizer, system).render, tokenizer.backend_tokenizer, [], {}
-    # datasets' maps leave TOKENIZERS_PARALLELISM=false in this process: the bare call gets every core back
+    # the stage's forked maps leave TOKENIZERS_PARALLELISM=false in this process: the bare call gets every core back
     with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="true"):
         for start in range(0, len(kept), BARE_CHUNK):
             texts = [render(m) for m in pool.arrow_rows(kept, start, start + BARE_CHUNK).column("messages").to_pylist()]
@@ -349,7 +259,7 @@ def run(n: int, num_proc: int, seed: int, e2e_only: bool = False) -> dict[str, A
     with ``e2e_only``)."""
     import datasets
 
-    datasets.disable_progress_bars()  # one log line per step instead (pool.map_step)
+    datasets.disable_progress_bars()  # the generator's; the stage logs one line per pass (pool.mapped)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         log.info("generating %d synthetic rows into %s", n, tmp)

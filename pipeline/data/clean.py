@@ -1,4 +1,4 @@
-"""Cleaning of parsed records, batch by batch (``datasets.map(batched=True)``, so it runs on every core).
+"""Cleaning of parsed records, batch by batch (:mod:`pipeline.data.batches`, so it runs on every core).
 
 For each row: normalise every turn (:mod:`pipeline.data.text`), cut or drop empty and too-short turns, read the
 language with the dataset's own tag first, apply the Han-share filter, and compute the row ``id`` — the SHA256 of the
@@ -48,12 +48,12 @@ def _turns(messages: list[dict[str, str]], min_chars: int) -> tuple[list[dict[st
     return out, False
 
 
-def _turn_keys(messages: list[dict[str, str]], dedup: list[str] | None = None) -> list[str]:
-    dedup = [dedup_key(m["content"]) for m in messages] if dedup is None else dedup
+def _turn_keys(messages: list[dict[str, str]], dedup: list[str]) -> list[str]:
+    """Each turn's role and dedup key (``dedup``: the turns' :func:`~pipeline.data.text.dedup_key`)."""
     return [f"{m['role']}\x1f{k}" for m, k in zip(messages, dedup, strict=True)]
 
 
-def _key(messages: list[dict[str, str]], dedup: list[str] | None = None) -> str:
+def _key(messages: list[dict[str, str]], dedup: list[str]) -> str:
     return "\x1e".join(_turn_keys(messages, dedup))
 
 
