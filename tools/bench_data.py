@@ -129,8 +129,8 @@ def token_pass(kept, num_proc: int) -> dict[str, Any]:
     render, backend, bare, times = C.Lengths(tokenizer, system).render, tokenizer.backend_tokenizer, [], {}
     # the stage's forked maps leave TOKENIZERS_PARALLELISM=false in this process: the bare call gets every core back
     with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="true"):
-        for start in range(0, len(kept), BARE_CHUNK):
-            texts = [render(m) for m in pool.arrow_rows(kept, start, start + BARE_CHUNK).column("messages").to_pylist()]
+        for chunk in pool.tables(kept, ["messages"], BARE_CHUNK):
+            texts = [render(m) for m in chunk.column("messages").to_pylist()]
             with clock(times, "bare"):
                 bare += [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
     with peak_memory() as rss, clock(times, "stage"):
@@ -151,10 +151,12 @@ def write_sources(ds, folder: Path) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.data import pool
+
     split, writers = len(ds) * 9 // 10, {}
     files = {"coig_pc_core": "train-00000-of-00001.parquet", "ultrafeedback_binarized": "train_prefs-00000-of-00001.parquet"}
-    for start in range(0, len(ds), SHARD):
-        rows = ds.data.table.slice(start, SHARD).select(["messages", "source_id"]).to_pylist()
+    for start, chunk in zip(range(0, len(ds), SHARD), pool.tables(ds, ["messages", "source_id"], SHARD), strict=True):
+        rows = chunk.to_pylist()  # (streamed: the harness's own rows are not left mapped in this process)
         sft_rows = [{"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
                     for r in rows[:max(0, split - start)]]
         pairs = [{"prompt": r["messages"][0]["content"], "prompt_id": r["source_id"], "chosen": r["messages"],
@@ -274,6 +276,7 @@ def run(n: int, num_proc: int, seed: int, e2e_only: bool = False) -> dict[str, A
         path, kept = cleaning_path(ds, num_proc)
         log.info("token pass on %d rows: bare encode_batch, then the stage's", len(kept))
         tokens = token_pass(kept, num_proc)
+        del kept
         log.info("naive loop in a child process")
         with multiprocessing.get_context("spawn").Pool(1) as child:  # its memory is its own
             slow = child.apply(_naive_child, ([f["filename"] for f in ds.cache_files],))

@@ -107,7 +107,7 @@ def _map_range(files, start: int, stop: int, fn, out: str, batch_size: int, inpu
 
     writer = None
     try:
-        for batch in _rebatch(stream(files, start, stop, sorted(set(input_columns) | set(keep))), batch_size):
+        for batch in rebatch(stream(files, start, stop, sorted(set(input_columns) | set(keep))), batch_size):
             made = fn(batch.select(input_columns).to_pydict(), **fn_kwargs)
             names = [c for c in keep if c not in made] + list(made)
             arrays = [batch.column(c) if c not in made else pa.chunked_array([pa.array(made[c], type=types[c])])
@@ -127,9 +127,8 @@ def _map_range(files, start: int, stop: int, fn, out: str, batch_size: int, inpu
     return out
 
 
-def _rebatch(batches: Iterator[Any], size: int) -> Iterator[Any]:
-    """Record batches regrouped into tables of ``size`` rows (the last one shorter)."""
-    import pyarrow as pa
+def rebatch(batches: Iterator[Any], size: int) -> Iterator[Any]:
+    """Record batches (or tables) regrouped into tables of ``size`` rows (the last one shorter)."""
 
     held, rows = [], 0
     for b in batches:
@@ -139,10 +138,16 @@ def _rebatch(batches: Iterator[Any], size: int) -> Iterator[Any]:
             rows += take
             b = b.slice(take)
             if rows == size:
-                yield pa.Table.from_batches(held)
+                yield _table(held)
                 held, rows = [], 0
     if rows:
-        yield pa.Table.from_batches(held)
+        yield _table(held)
+
+
+def _table(parts: list) -> Any:
+    import pyarrow as pa
+
+    return pa.concat_tables([p if isinstance(p, pa.Table) else pa.Table.from_batches([p]) for p in parts])
 
 
 def read(ds, columns: Sequence[str] | None = None) -> Iterator[Any] | None:

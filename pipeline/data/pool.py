@@ -92,11 +92,11 @@ def compact(ds, chunk: int = 50_000):
 
 
 def tables(ds, columns: list[str] | None = None, chunk: int = 50_000) -> Iterator[Any]:
-    """A dataset's rows in order as Arrow tables: streamed from its files where it can be (:func:`batches.read`),
-    else by takes from its memory-mapped table, ``chunk`` rows at a time."""
+    """A dataset's rows in order as Arrow tables of ``chunk`` rows: streamed from its files where it can be
+    (:func:`batches.read`), else by takes from its memory-mapped table."""
     streamed = batches.read(ds, columns)
     if streamed is not None:
-        yield from streamed
+        yield from batches.rebatch(streamed, chunk)
         return
     for start in range(0, len(ds), chunk):
         table = arrow_rows(ds, start, min(len(ds), start + chunk))
