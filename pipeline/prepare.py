@@ -179,6 +179,7 @@ class Built:
 def build(r: Resolved, tmp: Path) -> Built:
     """Read, clean, dedup, measure and split every source; returns the four pools as Arrow-backed datasets."""
     from pipeline.data import pool
+    from pipeline.data.clean import Lengths
     from pipeline.models.loading import load_tokenizer
 
     cfg: PrepareConfig = r.cfg
@@ -186,7 +187,9 @@ def build(r: Resolved, tmp: Path) -> Built:
     records = pool.read_sources(cfg, steps, tmp)
     num_proc = cfg.num_proc or (os.cpu_count() if len(records) >= SMALL else None)
     index, eval_sets = eval_index(r)
-    tokenizer = functools.cache(lambda: load_tokenizer(r.model))  # loaded once for both row types, when needed
+    # the token counter, made once for both row types when needed; the full tokenizer is not kept (Lengths keeps its
+    # backend), so the map workers fork from a smaller process
+    tokenizer = functools.cache(lambda: Lengths(load_tokenizer(r.model), r.model.system_prompt))
     pools: dict[str, Any] = {}
     for kind in ("sft", "pref"):
         part = pool.of_kind(records, kind)

@@ -600,3 +600,29 @@ def test_compact_column_and_arrow_rows_keep_a_selections_rows_and_order(tmp_path
         small = pool.compact(sel)
         assert small._indices is None and small.cache_files and small["source_id"] == [str(i) for i in picked]
         assert pool.compact(sel)["messages"] == small["messages"]  # compacted again: the same file, reused
+
+
+def test_map_files_on_two_workers_writes_what_one_process_writes(tmp_path):
+    """The streamed batch map: the same rows in the same order on 1 and 2 workers, the kept columns as they were, the
+    returned ones typed; and batches.read streams a selection's rows (ascending) as the dataset holds them."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from pipeline.data import batches, pool
+
+    recs = ({"kind": "sft", "source_id": str(i), "messages": [{"role": "user", "content": f"第{i}个问题"}]}
+            for i in range(3000))
+    ds = Dataset.from_file(str(pool.write_arrow(recs, tmp_path / "arrow" / "records.arrow", chunk=700)))
+    runs = [batches.map_files(ds, _lengths_of, tmp_path / f"k{k}", num_proc=k, batch_size=256,
+                              input_columns=["messages"], keep=["source_id"], types={"chars": pa.int64()},
+                              fn_kwargs={"plus": 1}) for k in (1, 2)]
+    assert runs[0].to_dict() == runs[1].to_dict() and runs[1].column_names == ["source_id", "chars"]
+    assert runs[1]["chars"][:3] == [6, 6, 6] and runs[1]["source_id"][2999] == "2999"
+    picked = [1, 5, 999, 1000, 2999]
+    streamed = [t for part in batches.read(ds.select(picked), ["source_id"]) for t in part.column(0).to_pylist()]
+    assert streamed == [str(i) for i in picked]
+    assert batches.read(ds.select([5, 1]), ["source_id"]) is None  # not ascending: the caller takes instead
+
+
+def _lengths_of(batch: dict[str, list], plus: int) -> dict[str, list]:
+    return {"chars": [len(m[0]["content"]) + plus for m in batch["messages"]]}

@@ -182,7 +182,8 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     Each map reads a plain Arrow file (:func:`compact`), not a selection of one. The cleaning map also finds the eval
     tasks each row shares an n-gram with (from the dedup keys it computes anyway); rows are dropped by reason, then as
     duplicates, then as contaminated, counted at each step, and the rest written once for the token pass.
-    ``tokenizer``: gives the model's tokenizer (called only when rows are left; default: load it)."""
+    ``tokenizer``: gives the model's tokenizer or its :class:`~pipeline.data.clean.Lengths` (called only when rows
+    are left; default: load the tokenizer)."""
     import numpy as np
 
     from pipeline.models.loading import load_tokenizer
@@ -266,13 +267,14 @@ def _decontaminate(cleaned, keep, kind: str, steps: dict[str, dict]):
 def count(ds, kind: str, tokenizer: Any, system: str | None, cfg: Any, num_proc: int | None):
     """The token-length pass over every row: ``n_tokens``, ``bucket``, ``truncated`` (:func:`clean.count_tokens`)
     and ``line``, the row as prepare writes it (:func:`json_lines`), made by the workers beside the count; of the
-    other columns only ``source``, ``lang`` and ``eval`` are kept. The workers, forked, use this process's
-    :class:`~pipeline.data.clean.Lengths` (its tokenizer backend) as it is."""
+    other columns only ``source``, ``lang`` and ``eval`` are kept. ``tokenizer``: a transformers tokenizer, or the
+    :class:`~pipeline.data.clean.Lengths` made of it and ``system``; the workers, forked, use this process's
+    ``Lengths`` (its tokenizer backend) as it is."""
     import pyarrow as pa
 
     kwargs = {"system": system, "kind": kind, "edges": list(cfg.buckets),
               "truncate": cfg.filters.over_length == "truncate"}
-    lengths = C.Lengths(tokenizer, system)
+    lengths = tokenizer if isinstance(tokenizer, C.Lengths) else C.Lengths(tokenizer, system)
     del tokenizer  # the workers fork from this process: let the full tokenizer go first (Lengths keeps its backend)
     types = {"n_tokens": pa.int64(), "bucket": pa.int64(), "truncated": pa.bool_(), "line": pa.string()}
     return mapped(compact(ds), _count_batch, f"{kind}: token lengths", num_proc=num_proc, batch_size=TOKEN_BATCH,
