@@ -8,7 +8,7 @@ words in English, in mixed text too. A text shorter than ``n`` units has no n-gr
 Hashing runs on numpy arrays of code points, a batch of texts at once (a hash call per n-gram was most of prepare's
 time at a million rows): a unit's hash is a polynomial over its code points, mixed (splitmix64); an n-gram's is a
 polynomial over its units' hashes, all modulo 2**64. The hashes depend on the text alone — the same in every process
-(``datasets.map`` workers must agree) — and two different n-grams share one with a chance of about 2**-64. The
+(the map workers must agree) — and two different n-grams share one with a chance of about 2**-64. The
 :class:`Index` holds the n-grams of the eval items, each with the tasks it occurs in; a training row's turns are looked
 up turn by turn (an n-gram never spans two turns), user and assistant turns only.
 """
