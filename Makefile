@@ -110,7 +110,7 @@ bench: $(STAMP) ## tokens/s, MFU and peak memory of STAGE=sft|dpo|orpo on HW's p
 bench-gpu: $(STAMP) ## on an H100/H200 (≤ 8 min): every profile under its card's cap vs its baseline and the planner; JSON in OUT
 	$(PY) tools/bench_gpu.py --out '$(OUT)'
 
-bench-data: $(STAMP) ## time the cleaning path on ROWS synthetic zh/en rows against a naive loop (speed, peak RSS)
+bench-data: $(STAMP) ## prepare's data path on ROWS synthetic zh/en rows: cleaning vs a naive loop, token pass vs encode_batch, end to end (time, peak memory)
 	$(PY) tools/bench_data.py --rows $(ROWS)
 
 gpu-smoke: $(STAMP) ## on a CUDA GPU: sft in bf16 / QLoRA / Liger, DPO and ORPO-QLoRA from it, a forced OOM; JSON in outputs/gpu-smoke

@@ -10,6 +10,7 @@ whose epoch-0 shares the manifest reports.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -127,8 +128,9 @@ def plan(r: Resolved) -> Plan:
     ], inputs=[*inputs, base_model_input(r)],
        outputs=[dir_output(cfg.output_dir, "pools + manifest + data card")]
                + [Item("file", f"{cfg.output_dir}/{f}", "written atomically") for f in OUTPUT_FILES],
-       estimate=Estimate([("memory", f"CPU only: Arrow-backed maps on {_workers(cfg.num_proc)}, the rows "
-                                     f"memory-mapped (make bench-data measures rows/s and peak RSS); no GPU")]))
+       estimate=Estimate([("memory", f"CPU only: batched passes on {_workers(cfg.num_proc)}, the rows "
+                                     f"streamed from Arrow files (make bench-data measures time and peak memory); "
+                                     f"no GPU")]))
 
 
 def _workers(num_proc: int | None) -> str:
@@ -183,16 +185,21 @@ class Built:
 def build(r: Resolved, tmp: Path) -> Built:
     """Read, clean, dedup, measure and split every source; returns the four pools as Arrow-backed datasets."""
     from pipeline.data import pool
+    from pipeline.data.clean import Lengths
+    from pipeline.models.loading import load_tokenizer
 
     cfg: PrepareConfig = r.cfg
     steps: dict[str, dict] = {s.name: {} for s in cfg.sources}
     records = pool.read_sources(cfg, steps, tmp)
     num_proc = cfg.num_proc or (os.cpu_count() if len(records) >= SMALL else None)
     index, eval_sets = eval_index(r)
+    # the token counter, made once for both row types when needed; the full tokenizer is not kept (Lengths keeps its
+    # backend), so the map workers fork from a smaller process
+    tokenizer = functools.cache(lambda: Lengths(load_tokenizer(r.model), r.model.system_prompt))
     pools: dict[str, Any] = {}
     for kind in ("sft", "pref"):
         part = pool.of_kind(records, kind)
-        train, held_out = pool.clean(part, kind, r, steps, num_proc, index)
+        train, held_out = pool.clean(part, kind, r, steps, num_proc, index, tokenizer)
         pools[f"{kind}.jsonl"], pools[f"{kind}_eval.jsonl"] = train, held_out
     rows = {name: len(ds) for name, ds in pools.items()}
     for name, st in steps.items():

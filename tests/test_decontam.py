@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.decontam import Index, batch_hits, grams, units
+from pipeline.data.text import dedup_key
 
 ZH_ITEM = "下列哪一项是中华人民共和国的首都城市名称？A. 上海 B. 北京 C. 广州 D. 深圳"
 ZH_SPAN13 = "哪一项是中华人民共和国的首"  # 13 Han characters of the question
@@ -104,3 +105,22 @@ def test_grams_are_stable_across_processes():
                                       env={"PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}).stdout) for seed in ("1", "2")]
     assert runs[0] == runs[1] == sorted(grams(ZH_ITEM + " " + EN_ITEM, 13))
     assert len(runs[0]) > 10
+
+
+def test_vectorised_units_match_the_unit_pattern_on_mixed_text():
+    """The numpy unit split (what grams hashes) finds exactly the units ``units`` lists, text by text, and the same
+    unit always gets the same hash."""
+    import random
+
+    from pipeline.data.decontam import _unit_hashes
+
+    alphabet = "abcXYZ019_ \n,.!？，。你好世界カタ한국ᄀ\u3000ｆｕｌｌ²½Ⅷ\U00020001\U0003134f\U00031350é\u0301\x00-'"
+    rng = random.Random(1)
+    for _ in range(300):
+        texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 5))]
+        hashes, text_of = _unit_hashes([dedup_key(t) for t in texts])
+        expected = [(i, u) for i, t in enumerate(texts) for u in units(t)]
+        assert text_of.tolist() == [i for i, _ in expected]
+        seen: dict[str, int] = {}
+        assert all(seen.setdefault(u, h) == h for h, (_, u) in zip(hashes.tolist(), expected, strict=True))
+        assert len(set(seen.values())) == len(seen)

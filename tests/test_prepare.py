@@ -559,10 +559,13 @@ def _map_output(tmp_path, bars_off: bool) -> str:
     import subprocess
     import sys
 
-    script = ("import logging, time, datasets\nfrom pipeline.data import pool\nlogging.basicConfig(level=logging.INFO)\n"
-              "ds = datasets.Dataset.from_dict({'x': list(range(4000))})\n"
+    script = ("import logging, time, datasets, pyarrow as pa\nfrom pipeline.data import pool\n"
+              "logging.basicConfig(level=logging.INFO)\ndatasets.disable_progress_bars()\n"
+              f"ds = datasets.Dataset.from_dict({{'x': list(range(4000))}}).flatten_indices(cache_file_name="
+              f"{str(tmp_path / f'x-{bars_off}.arrow')!r})\ndatasets.enable_progress_bars()\n"
               "def slow(b):\n    time.sleep(0.03)\n    return {'y': b['x']}\n"
-              + ("pool.map_step(ds, slow, 'demo step', batch_size=100)\n" if bars_off else
+              + ("pool.mapped(ds, slow, 'demo step', num_proc=2, batch_size=100, input_columns=['x'], keep=[], "
+                 "types={'y': pa.int64()}, fn_kwargs={})\n" if bars_off else
                  "ds.map(slow, batched=True, batch_size=100, desc='demo step')\n"))
     log = tmp_path / f"log-{bars_off}.txt"
     with open(log, "w", encoding="utf-8") as f:
@@ -575,7 +578,8 @@ def test_progress_in_a_log_file_is_one_line_per_map_step(tmp_path):
     import re
 
     lines = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=True)) if x.strip()]
-    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s\)", lines[0])
+    assert len(lines) == 1 and re.search(r"pipeline.prepare.demo step: 4000 rows in [\d.]+ s \(\d+ rows/s; [\d.]+ CPU s\)",
+                                         lines[0])
     bars = [x for x in re.split(r"[\r\n]+", _map_output(tmp_path, bars_off=False)) if x.strip()]
     assert len(bars) > 5  # what a log got before: one line per bar update
 
@@ -596,3 +600,29 @@ def test_compact_column_and_arrow_rows_keep_a_selections_rows_and_order(tmp_path
         small = pool.compact(sel)
         assert small._indices is None and small.cache_files and small["source_id"] == [str(i) for i in picked]
         assert pool.compact(sel)["messages"] == small["messages"]  # compacted again: the same file, reused
+
+
+def test_map_files_on_two_workers_writes_what_one_process_writes(tmp_path):
+    """The streamed batch map: the same rows in the same order on 1 and 2 workers, the kept columns as they were, the
+    returned ones typed; and batches.read streams a selection's rows (ascending) as the dataset holds them."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from pipeline.data import batches, pool
+
+    recs = ({"kind": "sft", "source_id": str(i), "messages": [{"role": "user", "content": f"第{i}个问题"}]}
+            for i in range(3000))
+    ds = Dataset.from_file(str(pool.write_arrow(recs, tmp_path / "arrow" / "records.arrow", chunk=700)))
+    runs = [batches.map_files(ds, _lengths_of, tmp_path / f"k{k}", num_proc=k, batch_size=256,
+                              input_columns=["messages"], keep=["source_id"], types={"chars": pa.int64()},
+                              fn_kwargs={"plus": 1}) for k in (1, 2)]
+    assert runs[0].to_dict() == runs[1].to_dict() and runs[1].column_names == ["source_id", "chars"]
+    assert runs[1]["chars"][:3] == [6, 6, 6] and runs[1]["source_id"][2999] == "2999"
+    picked = [1, 5, 999, 1000, 2999]
+    streamed = [t for part in batches.read(ds.select(picked), ["source_id"]) for t in part.column(0).to_pylist()]
+    assert streamed == [str(i) for i in picked]
+    assert batches.read(ds.select([5, 1]), ["source_id"]) is None  # not ascending: the caller takes instead
+
+
+def _lengths_of(batch: dict[str, list], plus: int) -> dict[str, list]:
+    return {"chars": [len(m[0]["content"]) + plus for m in batch["messages"]]}

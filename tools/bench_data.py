@@ -1,11 +1,12 @@
-"""``make bench-data``: the prepare stage's data path on N synthetic zh/en rows (seeded: ~70 % zh, full-width forms,
-code, ~5 % duplicates, empty turns). A developer harness. Cleaning: the stage's map → drop filter → ``first_seen`` →
-``bucket_of``, beside the same functions over a list in a spawned child. Token pass: every kept row through
-``pool.count`` with Qwen2.5's real tokenizer (built offline) and system prompt, beside one bare ``encode_batch`` of the
-same rendered texts (same lengths required). End to end: ``prepare.run`` on the rows as COIG-PC-core (90 %) and
-UltraFeedback (10 %) files in their hub layouts. Memory: psutil every 100 ms; all processes as PSS (shared pages
-split) and RSS summed (a forked worker counts shared pages again). A missed target prints FAIL, exit code 0. ``--out``:
-JSON with the machine, versions, command, date, load averages (a shared machine: compare within one run).
+"""``make bench-data``: the prepare stage's data path on N synthetic zh/en rows (``bench_rows.py``: seeded, ~70 %
+zh, full-width forms, code, ~5 % duplicates, empty turns). A developer harness. Cleaning: the stage's map → drop
+filter → ``first_seen`` → ``bucket_of``, beside the same functions over a list in a spawned child. Token pass: every
+kept row through ``pool.count`` with Qwen2.5's real tokenizer (built offline) and system prompt, beside one bare
+``encode_batch`` of the same rendered texts (same lengths required). End to end: ``prepare.run`` on the rows as
+COIG-PC-core (90 %) and UltraFeedback (10 %) files in their hub layouts, with its CPU seconds (``--e2e-only``: that
+alone). Memory: psutil every 100 ms; all processes as PSS (shared pages split) and RSS summed (a forked worker counts
+shared pages again). A missed target prints FAIL, exit code 0. ``--out``: JSON with the machine, versions, command,
+date, load averages (a shared machine: compare within one run).
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import logging
 import multiprocessing
 import os
 import platform
-import random
 import resource
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from bench_rows import SHARD, generate
+
 from pipeline.core.paths import repo_path
 from pipeline.data import clean as C
-from pipeline.data.sources.base import sft, turn
+from pipeline.data.pool import cpu_seconds
 from pipeline.data.text import classify, dedup_key, normalise, script
 from pipeline.prepare import PrepareConfig
 from pipeline.stage.cli import setup_logging
@@ -44,102 +46,10 @@ GiB = 1024 ** 3
 TARGET_SPEEDUP, TARGET_RSS, TARGET_RATIO, TARGET_E2E_S = 1.5, 2 * GiB, 0.8, 300.0  # E2E: seconds per 1M rows
 MODEL = "qwen2.5-7b-instruct"  # whose tokenizer (built offline), chat template and system prompt measure tokens
 BARE_CHUNK = 20_000  # rows per bare encode_batch call
-SHARD = 25_000  # rows per generator shard: each has its own seeded RNG, so the rows do not depend on --num-proc
-UNUSED = ["kind", "lang_hint", "prompt", "chosen", "rejected"]  # what the stage's SFT map removes
 DEFAULTS = PrepareConfig(sources=[])
 CLEAN_KW = {"min_chars": DEFAULTS.filters.min_chars, "min_cn_ratio": DEFAULTS.filters.min_cn_ratio,
             "allow_english": DEFAULTS.filters.allow_english_fallback, "eval_fraction": DEFAULTS.eval_fraction}
 EDGES = list(DEFAULTS.buckets)
-
-ZH = ("今天天气很好", "我们一起去公园散步", "请解释一下这个问题", "机器学习是人工智能的一个分支",
-      "这个模型的效果不错", "首先需要准备数据", "然后训练一个小模型", "最后评估它在测试集上的表现",
-      "中文分词并不简单", "深度学习需要大量的计算资源", "你可以用Python来实现", "这段代码有一个错误",
-      "请给出三个例子", "北京是中国的首都", "长江是亚洲最长的河流", "学习率设得太大会导致训练不稳定",
-      "我觉得这个方案可行", "他们在会议上讨论了预算", "数据清洗是关键的一步", "注意不要过拟合", "可以先看看文档",
-      "这本书讲的是历史", "春天来了，花都开了", "请把下面的句子翻译成英文", "第3章介绍了GPU的用法", "总共有12个样本",
-      "答案是42", "用户反馈说界面太复杂", "我们应该尊重每个人的意见")
-EN = ("the", "model", "data", "training", "is", "a", "of", "to", "and", "learning", "rate", "we", "can", "use",
-      "this", "function", "returns", "value", "please", "explain", "why", "how", "example", "first", "then",
-      "Python", "GPU", "network", "loss", "batch", "size", "token", "text", "language", "answer", "question")
-CODE = ("```python\ndef add(a, b):\n    return a  +  b   \n```", "```\nfor i in range(10):\n    print(i)\n```",
-        "```bash\npip install  datasets\n```", "```js\nconst x  =  [1, 2, 3];\n```")
-SHORT = ("", " ", "　", "好", "a", "\n")
-WIDE = {cp: cp + 0xFEE0 for cp in (*range(0x30, 0x3A), *range(0x41, 0x5B), *range(0x61, 0x7B))} | {0x20: 0x3000}
-
-
-# --- Synthetic rows --------------------------------------------------------------------------------------------------
-def _zh(rng: random.Random, n: int) -> str:
-    parts = []
-    while sum(map(len, parts)) < n:
-        parts.append(rng.choice(ZH) + rng.choice("，，，。。！？") + ("\n" if rng.random() < 0.08 else ""))
-    return "".join(parts)
-
-
-def _en(rng: random.Random, n: int) -> str:
-    words = rng.choices(EN, k=max(1, n // 5))
-    return " ".join(words).capitalize() + rng.choice(".?!") + ("  \n" if rng.random() < 0.2 else "")
-
-
-def _text(rng: random.Random, zh: bool, n: int) -> str:
-    text = _zh(rng, n) if zh else _en(rng, n)
-    if rng.random() < 0.1:  # a full-width stretch and ideographic spaces
-        cut = rng.randrange(len(text) + 1)
-        text = text[:cut] + "ＧＰＵ　１２８ｇｂ　" + text[cut:]
-    if rng.random() < 0.05:
-        text = "  " + text.replace("\n", "   \r\n") + "\t\t"
-    return text
-
-
-def _near(text: str, rng: random.Random) -> str:
-    """A near duplicate: the same dedup key, another training text (width, case or spacing)."""
-    how = rng.randrange(3)
-    return text.translate(WIDE) if how == 0 else text.upper() if how == 1 else text.replace(" ", "  ") + " \n"
-
-
-def _pair(rng: random.Random) -> tuple[str, str]:
-    zh = rng.random() < 0.7
-    # log-uniform lengths, as in real SFT sets: most turns short, a long tail (prompts 10-200, answers 50-600 chars)
-    user, answer = _text(rng, zh, int(10 * 20 ** rng.random())), _text(rng, zh, int(50 * 12 ** rng.random()))
-    if rng.random() < 0.08:
-        answer += "\n" + rng.choice(CODE) + "\n" + _text(rng, zh, rng.randint(10, 80))
-    if rng.random() < 0.02:
-        user, answer = (rng.choice(SHORT), answer) if rng.random() < 0.5 else (user, rng.choice(SHORT))
-    return user, answer
-
-
-def _row(i: int, rng: random.Random, recent: deque[tuple[str, str]]) -> dict[str, Any]:
-    r = rng.random()
-    if recent and r < 0.03:
-        user, answer = rng.choice(recent)
-    elif recent and r < 0.05:
-        user, answer = (_near(t, rng) for t in rng.choice(recent))
-    else:
-        user, answer = _pair(rng)
-        recent.append((user, answer))
-    record = sft([turn("user", user), turn("assistant", answer)], f"bench-{i}")
-    return {**record, "source": "bench", "n_tokens": len(user) + len(answer) + 16}
-
-
-def rows(shards: list[int], n: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Rows ``[shard * SHARD, (shard + 1) * SHARD)`` of an n-row set, one seeded RNG per shard."""
-    for shard in shards:
-        rng, recent = random.Random(f"{seed}:{shard}"), deque(maxlen=500)
-        for i in range(shard * SHARD, min(n, (shard + 1) * SHARD)):
-            yield _row(i, rng, recent)
-
-
-def generate(n: int, seed: int, folder: Path, num_proc: int):
-    """The synthetic rows as an Arrow-backed Dataset in ``folder`` (the stage's record schema + ``n_tokens``)."""
-    from datasets import Dataset, Value
-
-    from pipeline.data.pool import features as record_features
-
-    features = record_features()
-    features["n_tokens"] = Value("int32")
-    shards = list(range(-(-n // SHARD)))
-    return Dataset.from_generator(rows, features=features, cache_dir=str(folder), num_proc=min(num_proc, len(shards)),
-                                  gen_kwargs={"shards": shards, "n": n, "seed": seed})
-
 
 # --- Measuring -------------------------------------------------------------------------------------------------------
 @contextmanager
@@ -185,11 +95,12 @@ def cleaning_path(ds, num_proc: int) -> tuple[dict[str, Any], Any]:
     import numpy as np
     import pyarrow.compute as pc
 
+    from pipeline.data import pool
+
     times: dict[str, float] = {}
     with peak_memory() as rss:
         with clock(times, "map"):
-            cleaned = ds.map(C.clean_sft, batched=True, batch_size=1000, num_proc=num_proc, remove_columns=UNUSED,
-                             desc="sft: clean", fn_kwargs=CLEAN_KW)
+            cleaned = pool.clean_rows(ds, "sft", DEFAULTS, num_proc)
         with clock(times, "filter"):
             table = cleaned.data  # a fresh map output: no indices mapping, so rows are table rows
             keep = np.flatnonzero(pc.equal(table.column("drop"), "").to_numpy(False))
@@ -216,10 +127,10 @@ def token_pass(kept, num_proc: int) -> dict[str, Any]:
 
     tokenizer, system = load_qwen25_tokenizer(), load_model(MODEL).system_prompt
     render, backend, bare, times = C.Lengths(tokenizer, system).render, tokenizer.backend_tokenizer, [], {}
-    # datasets' maps leave TOKENIZERS_PARALLELISM=false in this process: the bare call gets every core back
+    # the stage's forked maps leave TOKENIZERS_PARALLELISM=false in this process: the bare call gets every core back
     with mock.patch.dict(os.environ, TOKENIZERS_PARALLELISM="true"):
-        for start in range(0, len(kept), BARE_CHUNK):
-            texts = [render(m) for m in pool.arrow_rows(kept, start, start + BARE_CHUNK).column("messages").to_pylist()]
+        for chunk in pool.tables(kept, ["messages"], BARE_CHUNK):
+            texts = [render(m) for m in chunk.column("messages").to_pylist()]
             with clock(times, "bare"):
                 bare += [len(e) for e in backend.encode_batch(texts, add_special_tokens=False)]
     with peak_memory() as rss, clock(times, "stage"):
@@ -240,10 +151,12 @@ def write_sources(ds, folder: Path) -> dict[str, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.data import pool
+
     split, writers = len(ds) * 9 // 10, {}
     files = {"coig_pc_core": "train-00000-of-00001.parquet", "ultrafeedback_binarized": "train_prefs-00000-of-00001.parquet"}
-    for start in range(0, len(ds), SHARD):
-        rows = ds.data.table.slice(start, SHARD).select(["messages", "source_id"]).to_pylist()
+    for start, chunk in zip(range(0, len(ds), SHARD), pool.tables(ds, ["messages", "source_id"], SHARD), strict=True):
+        rows = chunk.to_pylist()  # (streamed: the harness's own rows are not left mapped in this process)
         sft_rows = [{"instruction": r["messages"][0]["content"], "input": "", "output": r["messages"][1]["content"]}
                     for r in rows[:max(0, split - start)]]
         pairs = [{"prompt": r["messages"][0]["content"], "prompt_id": r["source_id"], "chosen": r["messages"],
@@ -283,12 +196,14 @@ def end_to_end(ds, folder: Path, num_proc: int) -> dict[str, Any]:
     loading.load_tokenizer = lambda m: load_qwen25_tokenizer() if m.name == MODEL else hub(m)
     try:
         r = resolve("prepare", config=folder / "prepare.yaml", hw="cpu")
+        load, cpu = os.getloadavg(), cpu_seconds()
         with peak_memory() as rss, clock(times, "wall"):
             result = prepare.run(r)
     finally:
         loading.load_tokenizer = hub
     return {"rows": len(ds), "sources": sorted(sources), "seconds": times["wall"], "rows_per_s": len(ds) / times["wall"],
-            "outputs": result.rows, "peak_rss": dict(rss)}
+            "cpu_seconds": cpu_seconds() - cpu, "load_avg": [load, os.getloadavg()], "outputs": result.rows,
+            "peak_rss": dict(rss)}
 
 
 # --- The naive loop (in a spawned child) -----------------------------------------------------------------------------
@@ -341,21 +256,27 @@ def _naive_child(files: list[str]) -> dict[str, Any]:
 
 
 # --- The run and its report ------------------------------------------------------------------------------------------
-def run(n: int, num_proc: int, seed: int) -> dict[str, Any]:
-    """Generate; clean; the token pass beside a bare encode_batch; the naive loop; the stage end to end."""
+def run(n: int, num_proc: int, seed: int, e2e_only: bool = False) -> dict[str, Any]:
+    """Generate; clean; the token pass beside a bare encode_batch; the naive loop; the stage end to end (only that
+    with ``e2e_only``)."""
     import datasets
 
-    datasets.disable_progress_bars()  # one log line per step instead (pool.map_step)
+    datasets.disable_progress_bars()  # the generator's; the stage logs one line per pass (pool.mapped)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         log.info("generating %d synthetic rows into %s", n, tmp)
         start = time.perf_counter()
         ds = generate(n, seed, Path(tmp), num_proc)
         io = {"rows": n, "seconds": time.perf_counter() - start, "arrow_bytes": ds.data.nbytes}
+        if e2e_only:
+            e2e = end_to_end(ds, Path(tmp) / "e2e", num_proc)
+            return {"rows": n, "seed": seed, "machine": machine(num_proc, load), "file_io": io, "end_to_end": e2e,
+                    "targets": targets(None, None, None, e2e)}
         log.info("cleaning path with %d workers", num_proc)
         path, kept = cleaning_path(ds, num_proc)
         log.info("token pass on %d rows: bare encode_batch, then the stage's", len(kept))
         tokens = token_pass(kept, num_proc)
+        del kept
         log.info("naive loop in a child process")
         with multiprocessing.get_context("spawn").Pool(1) as child:  # its memory is its own
             slow = child.apply(_naive_child, ([f["filename"] for f in ds.cache_files],))
@@ -367,22 +288,25 @@ def run(n: int, num_proc: int, seed: int) -> dict[str, Any]:
             "targets": targets(path, slow, tokens, e2e)}
 
 
-def targets(path: dict, slow: dict, tok: dict, e2e: dict) -> dict[str, dict[str, Any]]:
-    """Each target: what it says, its value, shown, and PASS or FAIL."""
-    mem, speedup, per_1m = path["peak_rss"], path["rows_per_s"] / slow["rows_per_s"], 1e6 / e2e["rows_per_s"]
-    main, worker, pss, rss = mem["main"], mem["worker_max"], e2e["peak_rss"]["all_pss"], e2e["peak_rss"]["all_rss"]
+def targets(path: dict | None, slow: dict | None, tok: dict | None, e2e: dict) -> dict[str, dict[str, Any]]:
+    """Each target measured: what it says, its value, shown, and PASS or FAIL."""
+    per_1m, pss, rss = 1e6 / e2e["rows_per_s"], e2e["peak_rss"]["all_pss"], e2e["peak_rss"]["all_rss"]
+    rows = [("e2e_seconds_per_1m", f"end to end, 1M rows <= {TARGET_E2E_S:.0f} s", per_1m, f"{per_1m:.0f} s",
+             per_1m <= TARGET_E2E_S),
+            ("e2e_peak_pss_all", "end to end PSS, all <= 2 GiB", pss, _gib(pss), pss <= TARGET_RSS),
+            ("e2e_peak_rss_all", "end to end RSS summed <= 2 GiB", rss, _gib(rss), rss <= TARGET_RSS)]
+    if path is None or slow is None or tok is None:
+        return {key: {"target": t, "value": v, "shown": shown, "pass": bool(ok)} for key, t, v, shown, ok in rows}
+    mem, speedup = path["peak_rss"], path["rows_per_s"] / slow["rows_per_s"]
+    main, worker = mem["main"], mem["worker_max"]
     same = (path["kept"], path["buckets"]) == (slow["kept"], slow["buckets"])
-    rows = [("speedup", f"cleaning >= {TARGET_SPEEDUP}x naive", speedup, f"{speedup:.2f}x", speedup >= TARGET_SPEEDUP),
+    rows += [("speedup", f"cleaning >= {TARGET_SPEEDUP}x naive", speedup, f"{speedup:.2f}x", speedup >= TARGET_SPEEDUP),
             ("peak_rss_main", "cleaning RSS main <= 2 GiB", main, _gib(main), main <= TARGET_RSS),
             ("peak_rss_worker", "cleaning RSS per worker <= 2 GiB", worker, _gib(worker), worker <= TARGET_RSS),
             ("same_rows_as_naive", "same rows and buckets as naive", same, "", same),
             ("token_ratio", f"token pass >= {TARGET_RATIO}x bare", tok["ratio"], f"{tok['ratio']:.2f}x",
              tok["ratio"] >= TARGET_RATIO),
-            ("same_lengths_as_bare", "same token lengths as bare", tok["same_lengths"], "", tok["same_lengths"]),
-            ("e2e_seconds_per_1m", f"end to end, 1M rows <= {TARGET_E2E_S:.0f} s", per_1m, f"{per_1m:.0f} s",
-             per_1m <= TARGET_E2E_S),
-            ("e2e_peak_pss_all", "end to end PSS, all <= 2 GiB", pss, _gib(pss), pss <= TARGET_RSS),
-            ("e2e_peak_rss_all", "end to end RSS summed <= 2 GiB", rss, _gib(rss), rss <= TARGET_RSS)]
+            ("same_lengths_as_bare", "same token lengths as bare", tok["same_lengths"], "", tok["same_lengths"])]
     return {key: {"target": t, "value": v, "shown": shown, "pass": bool(ok)} for key, t, v, shown, ok in rows}
 
 
@@ -413,10 +337,23 @@ def _line(name: str, rows: int, seconds: float, extra: str = "") -> str:
 
 def table(res: dict[str, Any]) -> str:
     """The report as a plain-text table."""
-    io, path, slow, tok, e2e = (res[k] for k in ("file_io", "cleaning_path", "naive", "token_pass", "end_to_end"))
-    k, rss, mem = res["machine"]["num_proc"], path["peak_rss"], e2e["peak_rss"]
+    io, e2e, k = res["file_io"], res["end_to_end"], res["machine"]["num_proc"]
+    mem = e2e["peak_rss"]
     lines = [f"{'phase':<36}{'rows':>10}{'seconds':>9}{'rows/s':>11}  tokens/s, peak memory",
              _line("file I/O (generate + write Arrow)", io["rows"], io["seconds"], f"({_gib(io['arrow_bytes'])} Arrow)"),
+             _line(f"prepare end to end (K={k})", e2e["rows"], e2e["seconds"], f"all: {_gib(mem['all_pss'])} PSS, "
+                   f"{_gib(mem['all_rss'])} RSS summed; main {_gib(mem['main'])} RSS; {e2e['cpu_seconds']:.0f} CPU s; "
+                   f"load {e2e['load_avg'][0][0]:.1f}→{e2e['load_avg'][1][0]:.1f}")]
+    if "cleaning_path" in res:
+        lines += _micro_lines(res)
+    lines += [f"{t['target']:<40}{t['shown']:>10}  {'PASS' if t['pass'] else 'FAIL <<<'}" for t in res["targets"].values()]
+    return "\n".join(lines)
+
+
+def _micro_lines(res: dict[str, Any]) -> list[str]:
+    io, path, slow, tok, e2e = (res[k] for k in ("file_io", "cleaning_path", "naive", "token_pass", "end_to_end"))
+    k, rss = res["machine"]["num_proc"], path["peak_rss"]
+    return [
              _line(f"cleaning path (K={k})", path["rows"], path["seconds"], f"main {_gib(rss['main'])}, worker max "
                    f"{_gib(rss['worker_max'])}; " + ", ".join(f"{s} {v:.1f}s" for s, v in path["steps_s"].items())),
              _line("naive loop (1 process)", slow["rows"], slow["seconds"],
@@ -425,11 +362,7 @@ def table(res: dict[str, Any]) -> str:
                    f"{tok['stage']['tokens_per_s']:,.0f} tok/s; all: {_gib(tok['peak_rss']['all_pss'])} PSS"),
              _line("token pass, bare encode_batch", tok["rows"], tok["bare"]["seconds"],
                    f"{tok['bare']['tokens_per_s']:,.0f} tok/s ({tok['tokens']:,} tokens)"),
-             _line(f"prepare end to end (K={k})", e2e["rows"], e2e["seconds"], f"all: {_gib(mem['all_pss'])} PSS, "
-                   f"{_gib(mem['all_rss'])} RSS summed; main {_gib(mem['main'])} RSS"),
              f"kept {path['kept']} rows (naive {slow['kept']}); buckets {path['buckets']}; e2e outputs {e2e['outputs']}\n"]
-    lines += [f"{t['target']:<40}{t['shown']:>10}  {'PASS' if t['pass'] else 'FAIL <<<'}" for t in res["targets"].values()]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="map workers (default: every core)")
     parser.add_argument("--out", default="outputs/bench/bench-data.json", help="the JSON report")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--e2e-only", action="store_true", help="only the stage end to end (no micro-benchmarks)")
     args = parser.parse_args(argv)
     setup_logging()
-    res = run(args.rows, args.num_proc, args.seed)
+    res = run(args.rows, args.num_proc, args.seed, args.e2e_only)
     out = repo_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Cleaning of parsed records, batch by batch (``datasets.map(batched=True)``, so it runs on every core).
+"""Cleaning of parsed records, batch by batch (:mod:`pipeline.data.batches`, so it runs on every core).
 
 For each row: normalise every turn (:mod:`pipeline.data.text`), cut or drop empty and too-short turns, read the
 language with the dataset's own tag first, apply the Han-share filter, and compute the row ``id`` — the SHA256 of the
@@ -17,6 +17,7 @@ import pickle
 import weakref
 from typing import Any
 
+from pipeline.data.decontam import ROLES as DECONTAM_ROLES
 from pipeline.data.text import classify, dedup_key, normalise, script
 
 # The drop reasons, in the order of the steps that give them (the manifest reports them in this order).
@@ -47,12 +48,18 @@ def _turns(messages: list[dict[str, str]], min_chars: int) -> tuple[list[dict[st
     return out, False
 
 
-def _turn_keys(messages: list[dict[str, str]]) -> list[str]:
-    return [f"{m['role']}\x1f{dedup_key(m['content'])}" for m in messages]
+def _turn_keys(messages: list[dict[str, str]], dedup: list[str]) -> list[str]:
+    """Each turn's role and dedup key (``dedup``: the turns' :func:`~pipeline.data.text.dedup_key`)."""
+    return [f"{m['role']}\x1f{k}" for m, k in zip(messages, dedup, strict=True)]
 
 
-def _key(messages: list[dict[str, str]]) -> str:
-    return "\x1e".join(_turn_keys(messages))
+def _key(messages: list[dict[str, str]], dedup: list[str]) -> str:
+    return "\x1e".join(_turn_keys(messages, dedup))
+
+
+def _decontam_keys(turns: list[dict[str, str]], dedup: list[str]) -> list[str]:
+    """The dedup keys of the turns decontamination reads (:data:`pipeline.data.decontam.ROLES`, non-empty)."""
+    return [k for m, k in zip(turns, dedup, strict=True) if m["role"] in DECONTAM_ROLES and m["content"]]
 
 
 def _prompt_of(messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -89,35 +96,45 @@ def _add(out: dict[str, list], text: str, hint: str | None, row_id: str, group: 
         out[key].append(value)
 
 
-def clean_sft(batch: dict[str, list], *, min_chars: int, **filters: Any) -> dict[str, list]:
-    """Batched cleaning of SFT rows (``messages``); adds id, group, lang, han_share, eval, drop. ``filters``:
-    min_cn_ratio, allow_english, eval_fraction."""
+def clean_sft(batch: dict[str, list], *, min_chars: int, index: Any = None, **filters: Any) -> dict[str, list]:
+    """Batched cleaning of SFT rows (``messages``); adds id, group, lang, han_share, eval, drop and ``contaminated``
+    (the eval tasks the row shares an n-gram with, by ``index``, a :class:`~pipeline.data.decontam.Index`; "" for
+    none or without one), from the dedup keys the id is made of. ``filters``: min_cn_ratio, allow_english,
+    eval_fraction."""
     out: dict[str, list] = {k: [] for k in ("messages", *ADDED)}
+    grams = []
     for messages, hint, group in zip(batch["messages"], batch["lang_hint"], batch["group"], strict=True):
         turns, _ = _turns(messages, min_chars)
         while turns and turns[-1]["role"] != "assistant":
             turns.pop()
-        keys = _turn_keys(turns)  # the prompt's keys are the first ones
+        dedup = [dedup_key(m["content"]) for m in turns]
+        keys = _turn_keys(turns, dedup)  # the prompt's keys are the first ones
         out["messages"].append(turns)
+        grams.append(_decontam_keys(turns, dedup))
         _add(out, "\n".join(m["content"] for m in turns), hint, sha256("\x1e".join(keys)),
              group or sha256("\x1e".join(keys[:len(_prompt_of(turns))])),
              "" if any(m["role"] == "user" for m in turns) else EMPTY_TURN, filters)
+    out["contaminated"] = index.hits(grams) if index is not None else [""] * len(grams)
     return out
 
 
-def clean_pref(batch: dict[str, list], *, min_chars: int, **filters: Any) -> dict[str, list]:
+def clean_pref(batch: dict[str, list], *, min_chars: int, index: Any = None, **filters: Any) -> dict[str, list]:
     """Batched cleaning of preference rows (``prompt``, ``chosen``, ``rejected``); the same added columns."""
     out: dict[str, list] = {k: [] for k in ("prompt", "chosen", "rejected", *ADDED)}
+    grams = []
     rows = zip(batch["prompt"], batch["chosen"], batch["rejected"], batch["lang_hint"], batch["group"], strict=True)
     for prompt, chosen, rejected, hint, group in rows:
         parts = [_turns(x, min_chars) for x in (prompt, chosen, rejected)]
         (p, _), (c, _), (r, _) = parts
         for k, v in (("prompt", p), ("chosen", c), ("rejected", r)):
             out[k].append(v)
-        prompt_key = _key(p)
+        dedup = [[dedup_key(m["content"]) for m in x] for x in (p, c, r)]
+        grams.append([k for x, d in zip((p, c, r), dedup, strict=True) for k in _decontam_keys(x, d)])
+        prompt_key = _key(p, dedup[0])
         _add(out, "\n".join(m["content"] for m in (*p, *c, *r)), hint,
-             sha256(f"{prompt_key}\x1d{_key(c)}\x1d{_key(r)}"), group or sha256(prompt_key),
+             sha256(f"{prompt_key}\x1d{_key(c, dedup[1])}\x1d{_key(r, dedup[2])}"), group or sha256(prompt_key),
              EMPTY_TURN if any(cut for _, cut in parts) or not p else SAME_ANSWER if c == r else "", filters)
+    out["contaminated"] = index.hits(grams) if index is not None else [""] * len(grams)
     return out
 
 

@@ -1,9 +1,10 @@
 """The prepare stage's data path on Arrow: records → cleaned, deduplicated, measured pools, counted per source.
 
-Rows live in ``datasets.Dataset`` objects backed by Arrow files in a temporary folder (memory-mapped, so a million
-rows do not sit in Python lists); the per-row work runs in ``Dataset.map(batched=True, num_proc=…)``. Every step
-records, per source and row type, how many rows it removed and why (``steps``), which the manifest and data card show.
-Progress bars are drawn only on a terminal; in a log each step is one line (:func:`progress_bars`, :func:`map_step`).
+Rows live in ``datasets.Dataset`` objects backed by Arrow files in a temporary folder (a million rows never sit in
+Python lists); the per-row work runs in batches on every core (:mod:`pipeline.data.batches`: the files streamed, not
+memory-mapped), and the counts between the passes are Arrow / numpy operations on columns. Every step records, per
+source and row type, how many rows it removed and why (``steps``), which the manifest and data card show. Each pass
+logs one line (rows, seconds, rows/s, CPU seconds), never a progress bar (:func:`mapped`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ import hashlib
 import itertools
 import json
 import logging
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
+from pipeline.data import batches, sources
 from pipeline.data import clean as C
-from pipeline.data import sources
+from pipeline.data.batches import arrow_column, codes, pair_counts, value_counts
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.files import list_files
 
@@ -33,27 +34,16 @@ STEP_OF = {C.EMPTY_TURN: "hygiene", C.SAME_ANSWER: "hygiene", C.OTHER_LANG: "lan
            C.CONTAMINATED: "decontam",
            C.NO_FALLBACK: "language", C.DUPLICATE: "dedup", C.OVER_LENGTH: "length"}
 TOKEN_BATCH = 4000  # rows per token-length batch: one tokenizer call each, on every core's worker
+WRITE_CHUNK = 20_000  # rows per write of a pool's lines
 
 
-def progress_bars() -> bool:
-    """Whether datasets draws its progress bars: only when stderr (where they go) is a terminal. In a log file, CI or
-    a piped ``mlflow run`` they are turned off, since each update would be a line; :func:`map_step` logs one line per
-    step instead."""
-    from datasets.utils.logging import disable_progress_bar, is_progress_bar_enabled
+def cpu_seconds() -> float:
+    """CPU time of this process and its ended children (map workers), user + system: on a shared machine a steadier
+    measure of a step's work than its wall time."""
+    import resource
 
-    if not sys.stderr.isatty():
-        disable_progress_bar()
-    return is_progress_bar_enabled()
-
-
-def map_step(ds, fn, desc: str, **kwargs: Any):
-    """``ds.map(fn, batched=True, …)``; without progress bars, one log line with its rows, seconds and rows/s."""
-    start, bars = time.perf_counter(), progress_bars()
-    out = ds.map(fn, batched=True, desc=desc, **kwargs)
-    if not bars:
-        seconds = time.perf_counter() - start
-        log.info("%s: %d rows in %.1f s (%.0f rows/s)", desc, len(ds), seconds, len(ds) / max(seconds, 1e-9))
-    return out
+    return sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
 
 
 def column(ds, name: str) -> list:
@@ -81,8 +71,9 @@ def arrow_rows(ds, start: int, stop: int):
 
 
 def compact(ds, chunk: int = 50_000):
-    """A selection's rows as their own Arrow file beside its data, written by Arrow takes. A map over an indices
-    mapping gathers row by row (~0.3 ms a row: most of the map's time); over a plain table it slices."""
+    """A selection's rows as their own Arrow file beside its data, streamed from the files behind it
+    (:func:`batches.read`, nothing memory-mapped), else written by Arrow takes. A map over an indices mapping gathers
+    row by row (~0.3 ms a row: most of the map's time); over a plain table it slices."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
 
@@ -94,10 +85,22 @@ def compact(ds, chunk: int = 50_000):
     if path.is_file():  # the same selection, compacted before (its file may be mapped: never rewrite it)
         return Dataset.from_file(str(path))
     with ArrowWriter(features=ds.features, path=str(path)) as writer:
-        for start in range(0, len(ds), chunk):
-            writer.write_table(arrow_rows(ds, start, min(len(ds), start + chunk)))
+        for table in tables(ds, chunk=chunk):
+            writer.write_table(table)
         writer.finalize()
     return Dataset.from_file(str(path))
+
+
+def tables(ds, columns: list[str] | None = None, chunk: int = 50_000) -> Iterator[Any]:
+    """A dataset's rows in order as Arrow tables of ``chunk`` rows: streamed from its files where it can be
+    (:func:`batches.read`), else by takes from its memory-mapped table."""
+    streamed = batches.read(ds, columns)
+    if streamed is not None:
+        yield from batches.rebatch(streamed, chunk)
+        return
+    for start in range(0, len(ds), chunk):
+        table = arrow_rows(ds, start, min(len(ds), start + chunk))
+        yield table if columns is None else table.select(columns)
 
 
 def features():
@@ -173,9 +176,14 @@ def _dropped(steps: dict[str, dict], kind: str, pairs: Counter) -> None:
             d[reason] = d.get(reason, 0) + n
 
 
-def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | None, index: Any = None):
+def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | None, index: Any = None,
+          tokenizer: Callable[[], Any] | None = None):
     """Clean, filter, dedup, decontaminate, measure and split one row type; returns (train pool, eval pool).
-    Each map reads a plain Arrow file (:func:`compact`), not a selection of one."""
+    Each map reads a plain Arrow file (:func:`compact`), not a selection of one. The cleaning map also finds the eval
+    tasks each row shares an n-gram with (from the dedup keys it computes anyway); rows are dropped by reason, then as
+    duplicates, then as contaminated, counted at each step, and the rest written once for the token pass.
+    ``tokenizer``: gives the model's tokenizer or its :class:`~pipeline.data.clean.Lengths` (called only when rows
+    are left; default: load the tokenizer)."""
     import numpy as np
 
     from pipeline.models.loading import load_tokenizer
@@ -183,83 +191,152 @@ def clean(part, kind: str, r: Resolved, steps: dict[str, dict], num_proc: int | 
     cfg = r.cfg
     if len(part) == 0:
         return part, part
-    fn = C.clean_sft if kind == "sft" else C.clean_pref
-    unused = ["kind", "lang_hint"] + (["prompt", "chosen", "rejected"] if kind == "sft" else ["messages"])
-    cleaned = map_step(compact(part), fn, f"{kind}: clean", batch_size=1000, num_proc=num_proc, remove_columns=unused,
-                       fn_kwargs={
-                           "min_chars": cfg.filters.min_chars, "min_cn_ratio": cfg.filters.min_cn_ratio,
-                           "allow_english": cfg.filters.allow_english_fallback, "eval_fraction": cfg.eval_fraction})
-    kept = compact(_decontaminate(_first_clean_rows(cleaned, kind, steps), kind, index, steps, num_proc))
+    cleaned = clean_rows(part, kind, cfg, num_proc, index)
+    keep = _decontaminate(cleaned, _first_clean_rows(cleaned, kind, steps), kind, steps)
+    kept = compact(cleaned.select(keep))
+    del cleaned
     if len(kept) == 0:
         _summarise(None, kind, steps)
         return kept, kept
-    measured = count(kept, kind, load_tokenizer(r.model), r.model.system_prompt, cfg, num_proc)
-    over = np.asarray(column(measured, "bucket")) >= len(cfg.buckets)
-    _dropped(steps, kind, Counter((s, C.OVER_LENGTH) for s, o in zip(column(measured, "source"), over, strict=True)
-                                  if o))
+    tok = tokenizer() if tokenizer is not None else load_tokenizer(r.model)
+    measured = count(kept, kind, tok, r.model.system_prompt, cfg, num_proc)
+    del tok
+    over = np.asarray(arrow_column(measured, "bucket")) >= len(cfg.buckets)
+    _dropped(steps, kind, Counter({(s, C.OVER_LENGTH): n for s, n in value_counts(
+        arrow_column(measured, "source").filter(over)).items()}))
     measured = measured.select(np.flatnonzero(~over))
     _summarise(measured, kind, steps)
-    is_eval = np.asarray(column(measured, "eval"), dtype=bool)
+    is_eval = np.asarray(arrow_column(measured, "eval"), dtype=bool)
     return measured.select(np.flatnonzero(~is_eval)), measured.select(np.flatnonzero(is_eval))
 
 
+def clean_rows(part, kind: str, cfg: Any, num_proc: int | None, index: Any = None):
+    """The cleaning map (:func:`clean.clean_sft` / :func:`clean.clean_pref`, with decontamination by ``index``) over
+    one row type's records on ``num_proc`` workers: the cleaned texts and the added columns, the other columns kept
+    as they are (``kind`` and ``lang_hint`` left out)."""
+    import pyarrow as pa
+
+    part = compact(part)
+    texts = {t: part.features.arrow_schema.field(t).type for t in TEXTS[kind]}
+    types = {**texts, **dict.fromkeys(("id", "group", "lang", "drop", "contaminated"), pa.string()),
+             "han_share": pa.float64(), "eval": pa.bool_()}
+    keep = [c for c in part.column_names if c not in (*TEXTS["sft"], *TEXTS["pref"], "kind", "lang_hint", *types)]
+    return mapped(part, C.clean_sft if kind == "sft" else C.clean_pref, f"{kind}: clean", num_proc=num_proc,
+                  batch_size=1000, input_columns=[*texts, "lang_hint", "group"], keep=keep, types=types, fn_kwargs={
+                      "min_chars": cfg.filters.min_chars, "min_cn_ratio": cfg.filters.min_cn_ratio,
+                      "allow_english": cfg.filters.allow_english_fallback, "eval_fraction": cfg.eval_fraction,
+                      "index": index})
+
+
 def _first_clean_rows(cleaned, kind: str, steps: dict[str, dict]):
-    """The rows without a drop reason, each the first of its id; the others counted per source and reason."""
+    """The positions of rows without a drop reason, each the first of its id; the others counted per source and
+    reason."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    src, drop = column(cleaned, "source"), column(cleaned, "drop")
-    _dropped(steps, kind, Counter(zip(src, drop, strict=True)))
-    keep = np.flatnonzero(np.asarray(drop) == "")
-    firsts = C.first_seen(column(cleaned.select(keep), "id"))
-    _dropped(steps, kind, Counter((src[i], C.DUPLICATE) for i, f in zip(keep, firsts, strict=True) if not f))
-    return compact(cleaned.select(keep[np.asarray(firsts, dtype=bool)]))
-
-
-def count(ds, kind: str, tokenizer: Any, system: str | None, cfg: Any, num_proc: int | None):
-    """The token-length pass over every row: ``n_tokens``, ``bucket``, ``truncated`` (:func:`clean.count_tokens`).
-    The workers get the tokenizer's :class:`~pipeline.data.clean.Lengths`, and the fingerprint is given rather than
-    hashed (datasets would pickle the whole tokenizer to hash it: seconds per map)."""
-    from datasets.fingerprint import Hasher
-
-    kwargs = {"system": system, "kind": kind, "edges": list(cfg.buckets),
-              "truncate": cfg.filters.over_length == "truncate"}
-    which = (tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, type(tokenizer).__name__)
-    lengths = C.Lengths(tokenizer, system)
-    del tokenizer  # the workers fork from this process: let the full tokenizer go first (Lengths keeps its backend)
-    columns = ["messages"] if kind == "sft" else ["prompt", "chosen", "rejected"]
-    return map_step(ds, _count_columns, f"{kind}: token lengths", batch_size=TOKEN_BATCH, num_proc=num_proc,
-                    input_columns=columns, fn_kwargs={"names": columns, "tokenizer": lengths, **kwargs},
-                    writer_batch_size=TOKEN_BATCH, new_fingerprint=Hasher.hash([ds._fingerprint, "count", which, kwargs]))
+    src, drop = arrow_column(cleaned, "source"), arrow_column(cleaned, "drop")
+    _dropped(steps, kind, pair_counts(src, drop))
+    keep = np.flatnonzero(np.asarray(pc.equal(drop, "").to_numpy(zero_copy_only=False)))
+    ids, _ = codes(arrow_column(cleaned, "id").take(keep))
+    first = np.zeros(len(keep), dtype=bool)
+    first[np.unique(ids, return_index=True)[1]] = True  # the first row of each id, in pool order
+    _dropped(steps, kind, Counter({(s, C.DUPLICATE): n for s, n in value_counts(src.take(keep[~first])).items()}))
+    return keep[first]
 
 
-def _count_columns(*columns: list, names: list[str], **kwargs: Any) -> dict[str, list]:
-    """:func:`clean.count_tokens` on the map's ``input_columns``: the conversations it reads are not written back
-    from Python (re-encoding them row by row cost as much as counting their tokens); the other columns stay Arrow."""
-    return C.count_tokens(dict(zip(names, columns, strict=True)), **kwargs)
-
-
-def _decontaminate(ds, kind: str, index: Any, steps: dict[str, dict], num_proc: int | None):
-    """Drop rows that share an n-gram with an eval item; count them per source and per eval task."""
+def _decontaminate(cleaned, keep, kind: str, steps: dict[str, dict]):
+    """Of the rows at ``keep``, those that share no n-gram with an eval item (the cleaning map's ``contaminated``);
+    the others counted per source and per eval task."""
     import numpy as np
+    import pyarrow.compute as pc
 
-    from pipeline.data.decontam import batch_hits
-
-    if index is None or len(ds) == 0:
-        return ds
-    hits = column(map_step(ds, batch_hits, f"{kind}: decontam", batch_size=1000, num_proc=num_proc,
-                           fn_kwargs={"index": index, "kind": kind}, remove_columns=ds.column_names), "contaminated")
-    sources = column(ds, "source")
-    _dropped(steps, kind, Counter((s, C.CONTAMINATED) for s, h in zip(sources, hits, strict=True) if h))
-    for s, h in zip(sources, hits, strict=True):
+    hits = arrow_column(cleaned, "contaminated").take(keep)
+    bad = np.flatnonzero(np.asarray(pc.not_equal(hits, "").to_numpy(zero_copy_only=False)))
+    if not len(bad):
+        return keep
+    sources = arrow_column(cleaned, "source").take(keep[bad]).to_pylist()
+    found = hits.take(bad).to_pylist()
+    _dropped(steps, kind, Counter((s, C.CONTAMINATED) for s in sources))
+    for s, h in zip(sources, found, strict=True):
         for task in filter(None, h.split(";")):
             by = steps[s][kind].setdefault("contaminated_by", {})
             by[task] = by.get(task, 0) + 1
-    return ds.select(np.flatnonzero(np.asarray(hits) == ""))
+    return np.delete(keep, bad)
+
+
+def count(ds, kind: str, tokenizer: Any, system: str | None, cfg: Any, num_proc: int | None):
+    """The token-length pass over every row: ``n_tokens``, ``bucket``, ``truncated`` (:func:`clean.count_tokens`)
+    and ``line``, the row as prepare writes it (:func:`json_lines`), made by the workers beside the count; of the
+    other columns only ``source``, ``lang`` and ``eval`` are kept. ``tokenizer``: a transformers tokenizer, or the
+    :class:`~pipeline.data.clean.Lengths` made of it and ``system``; the workers, forked, use this process's
+    ``Lengths`` (its tokenizer backend) as it is."""
+    import pyarrow as pa
+
+    kwargs = {"system": system, "kind": kind, "edges": list(cfg.buckets),
+              "truncate": cfg.filters.over_length == "truncate"}
+    lengths = tokenizer if isinstance(tokenizer, C.Lengths) else C.Lengths(tokenizer, system)
+    del tokenizer  # the workers fork from this process: let the full tokenizer go first (Lengths keeps its backend)
+    types = {"n_tokens": pa.int64(), "bucket": pa.int64(), "truncated": pa.bool_(), "line": pa.string()}
+    return mapped(compact(ds), _count_batch, f"{kind}: token lengths", num_proc=num_proc, batch_size=TOKEN_BATCH,
+                  input_columns=[*LINE_COLUMNS, *TEXTS[kind]], keep=["source", "lang", "eval"], types=types,
+                  fn_kwargs={"tokenizer": lengths, **kwargs})
+
+
+def mapped(ds, fn, desc: str, **kwargs: Any):
+    """:func:`batches.map_files` into a new folder beside the dataset's files, logged as one line: rows, seconds,
+    rows/s and CPU seconds (this process and its workers)."""
+    import tempfile
+
+    start, cpu = time.perf_counter(), cpu_seconds()
+    folder = Path(tempfile.mkdtemp(prefix="map-", dir=Path(ds.cache_files[0]["filename"]).parent))
+    out = batches.map_files(ds, fn, folder, **kwargs)
+    seconds = time.perf_counter() - start
+    log.info("%s: %d rows in %.1f s (%.0f rows/s; %.1f CPU s)", desc, len(ds), seconds, len(ds) / max(seconds, 1e-9),
+             cpu_seconds() - cpu)
+    return out
+
+
+LINE_COLUMNS = ("id", "source", "source_id", "lang", "meta")  # what a written row holds besides its texts and counts
+TEXTS = {"sft": ("messages",), "pref": ("prompt", "chosen", "rejected")}
+
+
+def _count_batch(batch: dict[str, list], **kwargs: Any) -> dict[str, list]:
+    """:func:`clean.count_tokens` on a batch, and each row's JSON line (:func:`json_lines`)."""
+    out = C.count_tokens(batch, **kwargs)
+    out["line"] = json_lines({**batch, **out}, kwargs["kind"])
+    out.pop("messages" if kwargs["kind"] == "sft" else "prompt", None)  # the line holds them
+    return out
+
+
+def json_lines(batch: dict[str, list], kind: str) -> list[str]:
+    """Each row as one line of the written pool: a JSON object in a fixed key order, UTF-8 text, newline-ended."""
+    lines = []
+    for i in range(len(batch["id"])):
+        source = batch["source"][i]
+        row = {"id": batch["id"][i], "source": source, "source_id": batch["source_id"][i], "lang": batch["lang"][i],
+               "n_tokens": batch["n_tokens"][i], "bucket": batch["bucket"][i], "licence": SOURCES[source].licence,
+               **{t: batch[t][i] for t in TEXTS[kind]}}
+        if batch["truncated"][i]:
+            row["truncated"] = True
+        if batch["meta"][i]:
+            row["meta"] = json.loads(batch["meta"][i])
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    return lines
 
 
 def _summarise(ds, kind: str, steps: dict[str, dict]) -> None:
-    """Counts after each step, kept rows, tokens and zh share per source."""
-    cols = {c: column(ds, c) if ds is not None else [] for c in ("source", "lang", "n_tokens", "eval", "truncated")}
+    """Counts after each step, kept rows, tokens and zh share per source (numpy sums over the Arrow columns)."""
+    import numpy as np
+
+    if ds is not None and len(ds):
+        src, names = codes(arrow_column(ds, "source"))
+        n = np.asarray(arrow_column(ds, "n_tokens"), dtype=np.int64)
+        zh = np.asarray(arrow_column(ds, "lang").to_numpy(zero_copy_only=False) == "zh")
+        ev, tr = (np.asarray(arrow_column(ds, c), dtype=bool) for c in ("eval", "truncated"))
+        sums = {name: (int((src == c).sum()), int(ev[src == c].sum()), int(tr[src == c].sum()), int(n[src == c].sum()),
+                       int(n[(src == c) & zh].sum())) for c, name in enumerate(names)}
+    else:
+        sums = {}
     for name, st in steps.items():
         if kind not in st:
             continue
@@ -269,14 +346,11 @@ def _summarise(ds, kind: str, steps: dict[str, dict]) -> None:
         for step in STEPS[1:]:
             left -= sum(n for reason, n in k["dropped"].items() if STEP_OF[reason] == step)
             k["after"][step] = left
-        mine = [i for i, s in enumerate(cols["source"]) if s == name]
-        tokens = sum(cols["n_tokens"][i] for i in mine)
-        zh = sum(cols["n_tokens"][i] for i in mine if cols["lang"][i] == "zh")
-        k.update(kept=len(mine), eval=sum(1 for i in mine if cols["eval"][i]),
-                 truncated=sum(1 for i in mine if cols["truncated"][i]), tokens=tokens, zh_tokens=zh,
-                 zh_share=round(zh / tokens, 4) if tokens else 0.0,
+        rows, evals, truncated, tokens, zh_tokens = sums.get(name, (0, 0, 0, 0, 0))
+        k.update(kept=rows, eval=evals, truncated=truncated, tokens=tokens, zh_tokens=zh_tokens,
+                 zh_share=round(zh_tokens / tokens, 4) if tokens else 0.0,
                  dropped={reason: k["dropped"][reason] for reason in C.REASONS if reason in k["dropped"]})
-        st["kept"] = st.get("kept", 0) + len(mine)
+        st["kept"] = st.get("kept", 0) + rows
 
 
 def empty_reason(kind: str, steps: dict[str, dict]) -> str:
@@ -309,24 +383,22 @@ def epoch0(ds, kind: str, cfg: Any) -> dict[str, Any]:
 
 
 def write_jsonl(ds, path: Path, kind: str) -> dict[str, Any]:
-    """One JSON object per line, UTF-8, fixed key order; returns rows, tokens and the file's SHA256."""
+    """One JSON object per line, UTF-8, fixed key order (each row's ``line`` from the token pass, written as the
+    bytes Arrow holds them); returns rows, tokens and the file's SHA256."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     digest, rows, tokens = hashlib.sha256(), 0, 0
-    texts = ("messages",) if kind == "sft" else ("prompt", "chosen", "rejected")
     with open(path, "wb") as f:
-        for start in range(0, len(ds), 2000):
-            batch = arrow_rows(ds, start, min(len(ds), start + 2000)).to_pydict()
-            for i in range(len(batch["id"])):
-                source = batch["source"][i]
-                row = {"id": batch["id"][i], "source": source, "source_id": batch["source_id"][i],
-                       "lang": batch["lang"][i], "n_tokens": batch["n_tokens"][i], "bucket": batch["bucket"][i],
-                       "licence": SOURCES[source].licence, **{t: batch[t][i] for t in texts}}
-                if batch["truncated"][i]:
-                    row["truncated"] = True
-                if batch["meta"][i]:
-                    row["meta"] = json.loads(batch["meta"][i])
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                f.write(line)
-                digest.update(line)
-                rows += 1
-                tokens += row["n_tokens"]
+        for table in tables(ds, chunk=WRITE_CHUNK) if len(ds) else ():
+            lines = table.column("line").combine_chunks() if "line" in table.column_names else \
+                pa.array(json_lines(table.to_pydict(), kind), type=pa.string())
+            _, offsets, data = lines.buffers()
+            lo, hi = np.frombuffer(offsets, dtype=np.int32)[[lines.offset, lines.offset + len(lines)]].tolist()
+            chunk = memoryview(data)[lo:hi]
+            f.write(chunk)
+            digest.update(chunk)
+            rows += len(lines)
+            tokens += pc.sum(table.column("n_tokens")).as_py() or 0
     return {"rows": rows, "tokens": tokens, "sha256": digest.hexdigest()}
