@@ -26,6 +26,7 @@ STAGE ?= sft
 DATA ?=
 CAP ?=
 OUT ?= outputs/bench-gpu
+TEST_WORKERS ?= 2
 PROMPT ?=
 SYSTEM ?=
 MAX_NEW_TOKENS ?= 256
@@ -166,8 +167,8 @@ server: $(STAMP) ## an MLflow tracking server on HOST:PORT with its own store (D
 screenshots: $(STAMP) ## retake docs/img/*.png, the README's MLflow UI screenshots (after make demo; needs Debian's chromium)
 	$(PY) docs/screenshots.py
 
-test: $(STAMP) ## run the test suite (CPU, offline)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
+test: $(STAMP) ## run the test suite (CPU, offline) on TEST_WORKERS processes, a test file each at a time
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP) ## ruff over the package, the tests, tools/ and docs/screenshots.py
 	$(PY) -m ruff check pipeline tests tools docs
