@@ -83,6 +83,24 @@ def stop_children(grace: float = GRACE_S) -> list[int]:
     return [c.pid for c in left]
 
 
+def end_waiting_mlflow_run() -> None:
+    """After a signal ended this stage: stop the ``mlflow run`` that launched it and waits for it. Once the stage
+    exits non-zero that waiter marks the run FAILED without looking at what the stage wrote (MLflow 3.17's
+    ``_maybe_set_run_terminated`` compares the status string with numeric codes, so a run the stage closed KILLED
+    would read FAILED). The stage has closed its run; the waiter has nothing left to do."""
+    import psutil
+
+    try:
+        parent = psutil.Process(os.getppid())
+        cmd = parent.cmdline()
+    except psutil.Error:
+        return
+    heads = [Path(w).name for w in cmd[:3]]
+    if "run" in cmd and ("mlflow" in heads or any(w == "-m" and n == "mlflow" for w, n in zip(cmd, cmd[1:], strict=False))):
+        with contextlib.suppress(psutil.Error):
+            parent.kill()
+
+
 def _is_launcher(proc) -> bool:
     """``make``, ``mlflow run``, ``accelerate launch``/torchrun, ``python -m pipeline.…`` and the ``bash -c`` between
     them: the processes whose death means nobody waits for this stage any more. A user's shell is not one (a stage

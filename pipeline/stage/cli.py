@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import CONFIGS
-from pipeline.core.process import Interrupted, supervised
+from pipeline.core.process import Interrupted, end_waiting_mlflow_run, supervised
 from pipeline.core.profiles import DEFAULT_HW, apply_hub_env
 from pipeline.core.runtime import launched, rank
 from pipeline.core.secrets import ScrubbingFormatter
@@ -147,7 +147,10 @@ def supervise(name: str, fn: Callable[[], Any], *, trains: bool = False) -> int:
 
     try:
         with supervised():
-            return guarded(fn, on_error=failed)
+            code = guarded(fn, on_error=failed)
+        if code > 128:  # stopped by a signal: the run is closed KILLED; keep `mlflow run` from marking it FAILED
+            end_waiting_mlflow_run()
+        return code
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
