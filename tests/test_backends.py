@@ -1,0 +1,93 @@
+"""The extra log backends beside MLflow: TensorBoard event files and an offline W&B run from a few real sft steps on
+the tiny model, and a backend whose package is missing refused by the config check (before any model loads)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import prepare, sft
+from pipeline.core.errors import ConfigError
+from pipeline.core.strict import parse_overrides
+from pipeline.data import prepared
+from pipeline.stage.resolve import resolve
+from pipeline.training import config as training_config
+
+FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.max_steps=2", "train.eval_steps=100",
+        "train.save_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    """The smoke pool, prepared once for this module (its own MLflow store)."""
+    tmp = tmp_path_factory.mktemp("pool")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
+    mp.undo()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    return tmp / "data"
+
+
+def _train(pool: Path, out: Path, backend: str):
+    r = resolve("sft", hw="cpu", overrides=parse_overrides([f"data.path={pool}", f"output_dir={out}", *FAST,
+                                                            f"log_backend={backend}"]))
+    p = prepared.load_pool(r.cfg.data, "sft", r)
+    trainer, _ = sft.build_trainer(r, p, list(range(8)), out)
+    trainer.train()
+    return r, trainer
+
+
+def test_tensorboard_writes_event_files_inside_the_output_dir(pool, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "sft"
+    r, trainer = _train(pool, out, "tensorboard")
+    events = sorted(out.glob("runs/*/events.out.tfevents.*"))
+    assert events, f"no TensorBoard event files under {out}/runs: {sorted(p.name for p in out.rglob('*'))}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and len(acc.Scalars("train/loss")) >= 2
+    assert f"event files under {r.cfg.output_dir}/runs/" in dict([sft.plan(r).facts[-1]])["log backend"]
+
+
+def test_wandb_offline_writes_an_offline_run_folder(pool, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "zh-align-test")
+    try:
+        _train(pool, tmp_path / "sft", "wandb")
+    finally:
+        wandb.finish()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline W&B run under {tmp_path / 'wandb'}"
+    assert any(runs[0].glob("run-*.wandb")), sorted(p.name for p in runs[0].iterdir())
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+def test_a_backend_whose_package_is_missing_is_refused_with_the_extra_named(backend, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(training_config.importlib.util, "find_spec",
+                        lambda name, *a: None if name == backend else real(name, *a))
+    for stage in ("sft", "align"):
+        with pytest.raises(ConfigError) as err:
+            resolve(stage, hw="cpu", overrides=parse_overrides([f"log_backend={backend}"]))
+        text = str(err.value)
+        assert "`log_backend`" in text and f"the {backend} package is not installed" in text
+        assert 'pip install -e ".[logging]"' in text
+    assert sft.main(["--hw", "cpu", "--set", f"log_backend={backend}", "--set", f"output_dir={tmp_path}"]) == 2
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_an_installed_backend_passes_the_check():
+    assert resolve("sft", hw="cpu", overrides=parse_overrides(["log_backend=tensorboard"])).cfg.log_backend == \
+        "tensorboard"
