@@ -53,7 +53,8 @@ def test_every_declared_parameter_reaches_the_command_and_the_cli_accepts_it(nam
 def test_parameters_are_launch_choices_whose_defaults_match_the_cli():
     for name, ep in ENTRY_POINTS.items():
         params = ep["parameters"]
-        assert "default" not in params["hw"], f"{name}: hw has no default in MLproject (the Makefile's HW names it)"
+        assert all("default" in p for p in params.values()), f"{name}: every parameter needs a default (plain run)"
+        assert params["hw"]["default"] == DEFAULT_HW, f"{name}: hw's default is the Makefile's HW ?= {DEFAULT_HW}"
         assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss", "accel", "resume"}
         if name == "pipeline":  # no config of its own: it routes overrides to the stages' configs, as plan does
             assert {"hw", "dry_run", "overrides", "loss", "accel", "resume"} == set(params)
