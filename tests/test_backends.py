@@ -83,7 +83,7 @@ def test_wandb_offline_writes_an_offline_run_folder(pool, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
-def test_a_backend_whose_package_is_missing_is_refused_with_the_extra_named(backend, tmp_path, monkeypatch):
+def test_a_backend_whose_package_is_missing_is_refused_with_the_extra_named(backend, tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(training_config.importlib.util, "find_spec",
                         lambda name, *a: None if name == backend else real(name, *a))
@@ -93,8 +93,13 @@ def test_a_backend_whose_package_is_missing_is_refused_with_the_extra_named(back
         text = str(err.value)
         assert "`log_backend`" in text and f"the {backend} package is not installed" in text
         assert 'pip install -e ".[logging]"' in text
-    assert sft.main(["--hw", "cpu", "--set", f"log_backend={backend}", "--set", f"output_dir={tmp_path}"]) == 2
-    assert not any(tmp_path.iterdir())  # nothing ran
+    capsys.readouterr()
+    out = tmp_path / "sft"
+    assert sft.main(["--hw", "cpu", "--dry-run", "false", "--set", f"log_backend={backend}",
+                     "--set", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the {backend} package is not installed" in err and 'pip install -e ".[logging]"' in err
+    assert not out.exists()  # refused before any model or run
 
 
 def test_an_installed_backend_passes_the_check():
