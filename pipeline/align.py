@@ -63,7 +63,7 @@ class AlignConfig(TrainingStageConfig):
     train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
 
     def check(self, key: Key) -> list[str]:
-        problems = []
+        problems = super().check(key)  # the log backend's package
         if self.beta <= 0:
             problems.append(f"{key('beta')} must be positive; got {self.beta}")
         if self.length_penalty < 0:
@@ -91,7 +91,7 @@ def plan(r: Resolved) -> Plan:
                      f"trees give the only Chinese pairs, the shortfall action is logged"),
         ("schedule", f"{t.epochs} epochs, lr {t.lr}, {t.scheduler}, warmup {t.warmup_ratio}, "
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
-        log_backend_fact(cfg.log_backend),
+        log_backend_fact(cfg.log_backend, cfg.output_dir),
     ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r),
                *resume_input(cfg.output_dir, t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)],

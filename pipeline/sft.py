@@ -75,7 +75,7 @@ def plan(r: Resolved) -> Plan:
         ("checkpoints", f"every {t.save_steps} steps (keep {t.save_total_limit}); eval every {t.eval_steps}; resume "
                         f"{t.resume or 'off'}; early stopping "
                         f"{f'after {t.early_stopping_patience} evals' if t.early_stopping_patience else 'off'}"),
-        log_backend_fact(cfg.log_backend),
+        log_backend_fact(cfg.log_backend, cfg.output_dir),
     ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r),
                *resume_input(cfg.output_dir, t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),

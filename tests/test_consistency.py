@@ -53,7 +53,8 @@ def test_every_declared_parameter_reaches_the_command_and_the_cli_accepts_it(nam
 def test_parameters_are_launch_choices_whose_defaults_match_the_cli():
     for name, ep in ENTRY_POINTS.items():
         params = ep["parameters"]
-        assert "default" not in params["hw"], f"{name}: hw has no default in MLproject (the Makefile's HW names it)"
+        assert all("default" in p for p in params.values()), f"{name}: every parameter needs a default (plain run)"
+        assert params["hw"]["default"] == DEFAULT_HW, f"{name}: hw's default is the Makefile's HW ?= {DEFAULT_HW}"
         assert set(params) <= {"config", "hw", "dry_run", "overrides", "loss", "accel", "resume"}
         if name == "pipeline":  # no config of its own: it routes overrides to the stages' configs, as plan does
             assert {"hw", "dry_run", "overrides", "loss", "accel", "resume"} == set(params)
@@ -107,7 +108,7 @@ def test_make_refuses_a_bad_key_before_mlflow_starts():
 
 def _pins(lines) -> dict[str, str]:
     reqs = [Requirement(line) for line in lines]
-    return {r.name.lower(): str(r.specifier) for r in reqs}
+    return {r.name.lower(): str(r.specifier) + (f"; {r.marker}" if r.marker else "") for r in reqs}
 
 
 def test_conda_yaml_pins_the_same_versions_as_constraints_and_they_fit_pyproject():
@@ -117,6 +118,7 @@ def test_conda_yaml_pins_the_same_versions_as_constraints_and_they_fit_pyproject
     pip_list = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert _pins(pip_list) == constraints
     assert all(spec.startswith("==") for spec in constraints.values())
+    assert "CUDA 13.0" in (ROOT / "conda.yaml").read_text()  # which CUDA the plain torch wheel targets
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ranges = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
     for req in ranges:
@@ -125,8 +127,15 @@ def test_conda_yaml_pins_the_same_versions_as_constraints_and_they_fit_pyproject
     torch_range = next(r for r in ranges if r.name == "torch").specifier
     assert torch_range.contains("2.11.0") and next(r for r in ranges if r.name == "transformers").specifier.contains(
         "5.17.0")  # GPU machines commonly carry these
-    assert {"bitsandbytes", "liger-kernel", "nvidia-ml-py"} == {Requirement(r).name
-                                                                for r in project["optional-dependencies"]["gpu"]}
+    extras = project["optional-dependencies"]
+    assert {"bitsandbytes", "liger-kernel", "nvidia-ml-py"} == {Requirement(r).name for r in extras["gpu"]}
+    for req in map(Requirement, extras["gpu"] + extras["logging"]):  # every extra pinned, the CUDA ones on Linux only
+        pin = constraints.get(req.name.lower(), "")
+        assert pin.startswith("=="), f"the {req.name} extra package is not pinned in constraints.txt / conda.yaml"
+        assert req.specifier.contains(pin[2:].split(";")[0]), f"{req} vs {pin}"
+        assert pin.endswith('; sys_platform == "linux"') == (req in map(Requirement, extras["gpu"])), pin
+    assert {Requirement(r).name for r in extras["logging"]} == {"tensorboard", "wandb"}
+    assert set(extras["logging"]) <= set(extras["dev"])  # so `make setup` installs them and tests/test_backends runs
 
 
 def _tracked_files() -> set[str]:

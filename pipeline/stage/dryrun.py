@@ -172,8 +172,12 @@ def hardware_fact(r: Resolved) -> str:
             f", Liger {on[h.liger]}")
 
 
-def log_backend_fact(backend: str) -> tuple[str, str]:
-    return "log backend", f"MLflow + {backend}" if backend != "none" else "MLflow"
+def log_backend_fact(backend: str, output_dir: str = "") -> tuple[str, str]:
+    """Where the extra logger writes: the Trainer's TensorBoard callback under ``<output_dir>/runs/`` (unless
+    TENSORBOARD_LOGGING_DIR says otherwise), W&B under WANDB_DIR (offline with WANDB_MODE=offline)."""
+    where = {"tensorboard": f" (event files under {output_dir or 'output_dir'}/runs/)",
+             "wandb": " (WANDB_PROJECT, WANDB_MODE=offline for no upload, files under WANDB_DIR or ./wandb)"}
+    return "log backend", f"MLflow + {backend}{where.get(backend, '')}" if backend != "none" else "MLflow"
 
 
 # ------------------------------------------------------------------------------------------------------------------

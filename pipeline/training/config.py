@@ -3,6 +3,7 @@ training stage has (:class:`TrainingStageConfig`); ``pipeline/sft.py`` and ``pip
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,6 +13,17 @@ from pipeline.models.loading import QloraConfig
 from pipeline.tracking.model_registry import RegisterConfig
 
 LogBackend = Literal["none", "tensorboard", "wandb"]  # beside MLflow, which is always on
+BACKEND_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # the module the Trainer's callback imports
+
+
+def backend_problems(key: Key, backend: str) -> list[str]:
+    """A log backend whose package is not installed fails only once the Trainer starts (after the model loads):
+    refuse it in the config check instead, naming the extra that brings it."""
+    module = BACKEND_MODULES.get(backend)
+    if module is None or importlib.util.find_spec(module) is not None:
+        return []
+    return [f"{key('log_backend')} is {backend}, but the {module} package is not installed: "
+            f'pip install -e ".[logging]" (or set log_backend: none)']
 
 
 @dataclass
@@ -50,3 +62,6 @@ class TrainingStageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log_backend: LogBackend = "none"
     register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def check(self, key: Key) -> list[str]:
+        return backend_problems(key, self.log_backend)
