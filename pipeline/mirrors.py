@@ -64,12 +64,13 @@ def run(args: argparse.Namespace) -> None:
         present = evalsets.mirror_problem(task, dest) is None
         if present and not args.force:
             made = M.marker(dest)
-            print(f"{task}: present in {shown(dest)}" + (f" (fetched from {made['repo']}@{made.get('commit') or made['revision']})"
-                                                         if made else " (your own copy; kept)"))
+            print(f"{task}: present in {shown(dest)}" + (f" (fetched from {M.origin(made)})" if made
+                                                         else " (your own copy; kept)"))
             continue
         if args.if_missing and dest.exists() and not present:
-            failed.append(f"{task}: {shown(dest)} exists but is not a usable mirror ({evalsets.mirror_problem(task, dest)}); "
-                          f"run `make mirrors` to replace it with the published files, or fix the folder")
+            failed.append(f"{task}: {shown(dest)} exists but is not a usable mirror "
+                          f"({evalsets.mirror_problem(task, dest)}); run `make mirrors` to replace it with the "
+                          f"published files, or fix the folder")
             continue
         src = sources.sources[task]
         print(f"{task}: downloading {', '.join(src.files)} from {src.repo}@{src.revision} ({src.licence}) …", flush=True)

@@ -96,13 +96,18 @@ def marker(folder: str | Path) -> dict | None:
         return None
 
 
+def origin(made: dict) -> str:
+    """`repo@commit` (or the revision when the commit is not known) of a marker."""
+    return f"{made['repo']}@{made.get('commit') or made['revision']}"
+
+
 def status(task: str, folder: str | Path, known: bool) -> tuple[str, str | None]:
     """(the dry run's line for a mirrored task, the problem a real run would meet or None)."""
     problem = evalsets.mirror_problem(task, folder)
     if problem is None:
         made = marker(folder)
         if made:
-            return f"fetched by make mirrors ({made['repo']}@{made.get('commit') or made['revision']})", None
+            return f"fetched by make mirrors ({origin(made)})", None
         return "mirror present", None
     if not repo_path(folder).exists():
         fix = "run make mirrors (make eval DRY_RUN=0 runs it first)" if known else \
@@ -214,6 +219,7 @@ def fetch(task: str, src: MirrorSource, dest: Path, download: Downloader = hub_d
             downloaded[name] = Path(download(src.repo, name, src.revision))
         except Exception as err:  # network, auth, a missing file: said with the source and the fix
             raise RuntimeError(f"{task}: could not download {name} from {src.repo}@{src.revision}: "
-                               f"{type(err).__name__}: {str(err).rstrip('.')}. Check the network or configs/hub.yaml's endpoint "
-                               f"(HF_ENDPOINT), and that the repo still publishes that file at that revision") from err
+                               f"{type(err).__name__}: {str(err).rstrip('.')}. Check the network or "
+                               f"configs/hub.yaml's endpoint (HF_ENDPOINT), and that the repo still publishes that "
+                               f"file at that revision") from err
     return install(task, src, downloaded, dest)
