@@ -200,3 +200,20 @@ def test_the_command_keeps_a_present_mirror_and_names_the_source_when_offline(tm
     assert "HF_ENDPOINT" in captured.err and not (tmp_path / "ceval").exists()
     assert mirrors.main(["--hw", "cpu"]) == 0 and "nothing to fetch" in capsys.readouterr().out
     assert mirrors.main(["--hw", "cpu", "--tasks", "arc_easy"]) == 2
+
+
+def test_make_eval_runs_the_mirrors_step_first_only_for_a_real_run():
+    import subprocess
+
+    from pipeline.core.paths import ROOT
+
+    def steps(*args: str) -> list[str]:
+        out = subprocess.run(["make", "-n", "-o", ".venv/.setup-stamp", *args], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        return [line for line in out.splitlines() if line.strip()]
+
+    real = steps("eval", "DRY_RUN=0", "HW=4090")
+    assert "-m pipeline.mirrors --hw '4090'" in real[0] and real[0].endswith("--if-missing")
+    assert "-m pipeline.evaluate" in real[1] and "--check" in real[1]
+    assert not any("pipeline.mirrors" in line for line in steps("eval"))
+    assert "-m pipeline.mirrors" in steps("mirrors")[0]
