@@ -131,7 +131,7 @@ dpo: ## align with DPO (= make align LOSS=dpo)
 	@$(MAKE) --no-print-directory align LOSS=dpo
 
 mirrors: $(STAMP) ## download the eval sets (CMMLU, C-Eval, hellaswag, winogrande) at pinned revisions, SHA256-checked, into .cache/eval-mirrors
-	$(PY) -m pipeline.mirrors --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q)
+	$(PY) -m pipeline.mirrors --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q) $(if $(filter 1,$(FORCE)),--force)
 
 evaluate: $(STAMP) ## lm-eval on cmmlu / ceval-valid / hellaswag / winogrande, tuned vs base (DRY_RUN=0: make mirrors first where one is missing)
 	$(if $(filter 0,$(DRY_RUN)),$(PY) -m pipeline.mirrors --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q) --if-missing)
