@@ -36,7 +36,7 @@ RUNS ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo evaluate eval export promote pull chat serve compare rerun ui server screenshots test lint clean
+.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo mirrors evaluate eval export promote pull chat serve compare rerun ui server screenshots test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -94,6 +94,7 @@ plan: $(STAMP) ## the plans of all five stages on one page with predicted memory
 	  -P hw='$(HW)' -P loss='$(LOSS)' -P overrides=$(SET_Q)
 
 pipeline: $(STAMP) ## prepare → sft → align → evaluate → export as child runs of one parent run (LOSS=orpo|dpo, RESUME=run id)
+	$(if $(filter 0,$(DRY_RUN)),$(PY) -m pipeline.mirrors --hw '$(HW)' --overrides $(SET_Q) --if-missing)
 	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --overrides $(SET_Q) --dry-run true $(CHECK) > /dev/null
 	mlflow run . -e pipeline --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
 	  --run-name 'pipeline-$(HW)-$(LOSS)' \
@@ -129,7 +130,11 @@ orpo: ## align with ORPO (= make align LOSS=orpo)
 dpo: ## align with DPO (= make align LOSS=dpo)
 	@$(MAKE) --no-print-directory align LOSS=dpo
 
-evaluate: $(STAMP) ## lm-eval on cmmlu / ceval-valid / hellaswag / winogrande, tuned vs base
+mirrors: $(STAMP) ## download the eval sets (CMMLU, C-Eval, hellaswag, winogrande) at pinned revisions, SHA256-checked, into .cache/eval-mirrors
+	$(PY) -m pipeline.mirrors --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q) $(if $(filter 1,$(FORCE)),--force)
+
+evaluate: $(STAMP) ## lm-eval on cmmlu / ceval-valid / hellaswag / winogrande, tuned vs base (DRY_RUN=0: make mirrors first where one is missing)
+	$(if $(filter 0,$(DRY_RUN)),$(PY) -m pipeline.mirrors --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q) --if-missing)
 	$(call stage,evaluate)
 
 eval: evaluate ## alias of evaluate

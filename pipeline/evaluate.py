@@ -24,6 +24,7 @@ from pipeline.core.paths import repo_path
 from pipeline.core.resolved import Resolved
 from pipeline.core.strict import Key, at_least
 from pipeline.evaluation import evalsets, forgetting
+from pipeline.evaluation import mirrors as mirror_sources
 from pipeline.evaluation import results as R
 from pipeline.evaluation.forgetting import GateConfig
 from pipeline.hardware import planner
@@ -70,9 +71,12 @@ class EvaluateConfig:
 
 def plan(r: Resolved) -> Plan:
     cfg = r.cfg
-    mirrors = [Item(f"mirror of {task}", folder, "exists" if repo_path(folder).is_dir() else "MISSING",
+    sources = mirror_sources.load().sources
+    mirrors = [Item(f"mirror of {task}", folder, mirror_sources.status(task, folder, task in sources)[0],
                     check=lambda task=task, folder=folder: evalsets.mirror_problem(task, folder))
                for task, folder in cfg.mirrors.items()]
+    hub = [Item(f"task {task}", "lm-eval's own hub dataset", "downloaded by lm-eval at run time")
+           for task in cfg.tasks if task not in cfg.mirrors and task != "zh_smoke"]
     return Plan(r, facts=[
         ("tasks", ", ".join(cfg.tasks)),
         ("settings", f"few-shot {'task default' if cfg.num_fewshot is None else cfg.num_fewshot}, "
@@ -80,7 +84,7 @@ def plan(r: Resolved) -> Plan:
                      f"{'on' if cfg.apply_chat_template else 'off'}, system prompt "
                      f"{'the model definition' if cfg.system_prompt else 'none'}, dtype {r.hw.precision}"),
         ("compare", "tuned vs base (forgetting report)" if cfg.compare_base else "tuned only"),
-    ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r), base_model_input(r), *mirrors],
+    ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r), base_model_input(r), *mirrors, *hub],
        outputs=[dir_output(cfg.output_dir, "results.json + results.csv + chart"),
                 Item("write-back", "eval/… metrics onto the training run, eval.* tags onto its registered version",
                      "on" if cfg.write_back else "off (write_back: false)")],

@@ -21,8 +21,8 @@ def _kind(path) -> str:
     rel = path.relative_to(CONFIGS)
     if rel.parts[0] in ("hw", "models"):
         return rel.parts[0]
-    if rel.name == "hub.yaml":
-        return "hub"
+    if rel.name in ("hub.yaml", "mirrors.yaml"):
+        return rel.stem
     return "stage"
 
 
@@ -38,6 +38,10 @@ def test_every_yaml_under_configs_loads_with_its_kind(path):
         assert C.load_model(path.stem).name == path.stem
     elif kind == "hub":
         assert C.load_hub().home
+    elif kind == "mirrors":  # make mirrors' sources (pipeline/evaluation/mirrors.py)
+        from pipeline.evaluation.mirrors import load
+
+        assert load(path).sources
     else:
         stage = path.parent.name if path.parent.name in names() else path.stem  # configs/align/<loss>.yaml
         r = resolve(stage, config=path, hw="cpu" if "smoke" in path.parts else "4090")

@@ -145,7 +145,8 @@ def mirror_files(task: str, folder: str | Path) -> dict[str, dict[str, Path | li
     lay, root = _layout(task), repo_path(folder).resolve()
     where = f"mirror of {task!r} at {root}"
     if not root.is_dir():
-        raise ValueError(f"{where}: folder not found; expected {_expected(task)}")
+        raise ValueError(f"{where}: folder not found; `make mirrors` downloads the published files into the folder "
+                         f"configs/evaluate.yaml names, or give your own copy: expected {_expected(task)}")
     if isinstance(lay, HubLayout):
         splits = {s: _hub_split_files(root, s) for s in ("validation", "train")}
         if not splits["validation"]:
@@ -304,7 +305,8 @@ def check_tasks(names: Iterable[str], task_manager: Any, mirrored: Iterable[str]
         from_builtin = entry is not None and entry.yaml_path is not None and builtin in entry.yaml_path.resolve().parents
         if family and name not in mirrored and from_builtin:
             problems.append(f"task {name!r} loads a script-based hub dataset that datasets >= 4 refuses (and the hub "
-                            f"may be offline): give a local mirror of {family!r} ({_expected(family)})")
+                            f"may be offline): give a local mirror of {family!r} (`make mirrors` fetches it; "
+                            f"{_expected(family)})")
     if problems:
         raise ValueError("; ".join(problems))
 
