@@ -63,7 +63,11 @@ SET_Q = '$(subst ','\'',$(SET))'
 CHECK := $(if $(filter 0,$(DRY_RUN)),--check)
 
 # Check the config first (fast, clean error, no FAILED run in the store), then launch through MLflow.
+# ENV_MANAGER=conda without conda: MLflow would fail before the stage starts and leave its run RUNNING.
+NEED_CONDA = $(if $(filter conda,$(ENV_MANAGER)),@command -v conda > /dev/null || { echo "error: ENV_MANAGER=conda but no conda on PATH: install Miniforge$(comma) or use ENV_MANAGER=local (the .venv of make setup)" >&2; exit 2; })
+
 define stage
+	$(NEED_CONDA)
 	@$(PY) -m pipeline.$(1) --hw '$(HW)' --config '$(CONFIG)' --overrides $(SET_Q) $(2) --dry-run true $(CHECK) > /dev/null
 	mlflow run . -e $(1) --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' --run-name '$(1)-$(HW)' \
 	  -P hw='$(HW)' -P dry_run=$(DRY) -P config='$(CONFIG)' -P overrides=$(SET_Q) $(3)
