@@ -34,6 +34,9 @@ TRAINER_LOGS = "pipeline.trainer_logs"  # the Trainer's log dicts: into the file
 logging.getLogger(TRAINER_LOGS).propagate = False
 logging.getLogger(TRAINER_LOGS).setLevel(logging.INFO)
 CAPTURED = ("", "transformers", TRAINER_LOGS)  # the root (ours, py.warnings, TRL, PEFT), transformers' own, the dicts
+# INFO whatever the root's level: ours, and the Trainer's ("***** Running training *****", the steps, saves) under the
+# WARNING transformers sets its own root to
+AT_INFO = ("pipeline", "transformers.trainer")
 
 
 def capture(log_file: Path) -> logging.Handler:
@@ -43,10 +46,10 @@ def capture(log_file: Path) -> logging.Handler:
     handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_Once())
     handler.zh_warnings = logging._warnings_showwarning is None  # type: ignore[attr-defined]  # were they off?
-    trainer = logging.getLogger("transformers.trainer")
-    handler.zh_trainer_level = trainer.level  # type: ignore[attr-defined]
-    if trainer.level in (logging.NOTSET, *range(logging.INFO + 1, 100)):  # transformers sets its root to WARNING
-        trainer.setLevel(logging.INFO)  # "***** Running training *****", the number of steps, saves
+    handler.zh_levels = {name: logging.getLogger(name).level for name in AT_INFO}  # type: ignore[attr-defined]
+    for name in AT_INFO:
+        if logging.getLogger(name).level in (logging.NOTSET, *range(logging.INFO + 1, 100)):
+            logging.getLogger(name).setLevel(logging.INFO)
     for name in CAPTURED:
         logging.getLogger(name).addHandler(handler)
     logging.captureWarnings(True)
@@ -56,7 +59,8 @@ def capture(log_file: Path) -> logging.Handler:
 def release(handler: logging.Handler) -> None:
     for name in CAPTURED:
         logging.getLogger(name).removeHandler(handler)
-    logging.getLogger("transformers.trainer").setLevel(handler.zh_trainer_level)  # type: ignore[attr-defined]
+    for name, level in handler.zh_levels.items():  # type: ignore[attr-defined]
+        logging.getLogger(name).setLevel(level)
     if handler.zh_warnings:  # type: ignore[attr-defined]
         logging.captureWarnings(False)
     handler.close()
