@@ -178,14 +178,15 @@ def sampling_section(ref: DataRef, kind: str, r: Resolved, epochs: float) -> tup
     """The sampler's plan over the prepared pool (what the run will train on): rows·tokens per source × language ×
     bucket, the zh share per curriculum stage, repeats; one line when no pool exists yet."""
     title = "sampling plan"
-    plan = sampling_plan(ref, kind, r, epochs)
+    linked = bool(ref.run_id) and not RUN_ID.fullmatch(ref.run_id or "")  # a pipeline's prepare child, not run yet
+    plan = None if linked else sampling_plan(ref, kind, r, epochs)
     if plan is None:
         return title, [f"(appears once the prepared pool exists: {make_command('prepare', r)})"]
     head = f"pool {shown(Path(plan['folder']))}, seed {plan['seed']}"
     if plan["over_length"]:
         head += f"; {plan['over_length']} rows over max_length {r.hw.max_length} left out"
     if plan["remeasured"]:
-        head += f"; counts by {plan['measured_by']}'s tokenizer (the run measures again with {r.model.ref})"
+        head += f"; token counts by the tokenizer of {plan['measured_by']} (the run counts again with {r.model.ref})"
     if plan["problem"]:
         return title, [head, f"PROBLEM: {plan['problem']}"]
     rep, edges = plan["report"], plan["edges"]
