@@ -15,9 +15,13 @@ from pipeline.core.secrets import ScrubbingFormatter
 def path(stage: str, output: str | None, run_id: str) -> Path:
     """The run's full log: ``<output_dir>/logs/<run id>.log`` for a training stage (it stays beside its checkpoints),
     else a temporary file; either is logged as the run's ``logs/<stage>.log``."""
-    folder = Path(output) / "logs" if output else Path(tempfile.mkdtemp(prefix=f"zh-align-{stage}-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{run_id}.log"
+    if output:
+        try:
+            (Path(output) / "logs").mkdir(parents=True, exist_ok=True)
+            return Path(output) / "logs" / f"{run_id}.log"
+        except OSError as err:  # the stage names an unwritable output folder itself, on its run
+            logging.getLogger(__name__).warning("run log in a temporary folder: %s", err)
+    return Path(tempfile.mkdtemp(prefix=f"zh-align-{stage}-")) / f"{run_id}.log"
 
 
 class _Once(logging.Filter):
