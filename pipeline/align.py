@@ -32,8 +32,10 @@ from pipeline.stage.dryrun import (
     dir_output,
     log_backend_fact,
     model_ref_input,
+    probes_section,
     registry_output,
     resume_input,
+    sampling_section,
 )
 from pipeline.stage.resolve import resolve
 from pipeline.stage.spec import Stage
@@ -92,7 +94,8 @@ def plan(r: Resolved) -> Plan:
         ("schedule", f"{t.epochs} epochs, lr {t.lr}, {t.scheduler}, warmup {t.warmup_ratio}, "
                      f"max_grad_norm {t.max_grad_norm}, seed {t.seed}"),
         log_backend_fact(cfg.log_backend, cfg.output_dir),
-    ], inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r),
+    ], sections=[sampling_section(cfg.data, "pref", r, t.epochs), probes_section(r)],
+       inputs=[start, data_input(cfg.data, ("pref.jsonl", "pref_eval.jsonl"), r), base_model_input(r),
                *resume_input(cfg.output_dir, t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"), registry_output(cfg.register)],
        estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,

@@ -27,8 +27,10 @@ from pipeline.stage.dryrun import (
     data_input,
     dir_output,
     log_backend_fact,
+    probes_section,
     registry_output,
     resume_input,
+    sampling_section,
 )
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, runs
@@ -68,7 +70,7 @@ def plan(r: Resolved) -> Plan:
     t = cfg.train
     return Plan(r, facts=[
         ("method", f"{method}; r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout} on {', '.join(lora.target_modules)}"),
-        ("schedule", f"{t.epochs} epochs in the sampler's order (zh share, curriculum), lr {t.lr}, {t.scheduler}, "
+        ("schedule", f"{t.epochs} epochs in the sampler's order (see the sampling plan), lr {t.lr}, {t.scheduler}, "
                      f"warmup {t.warmup_ratio}, max_grad_norm {t.max_grad_norm}, packing {'on' if t.packing else 'off'}, "
                      f"seed {t.seed}" + (f", max_steps {t.max_steps}" if t.max_steps else "")),
         ("loss", "assistant tokens only (+ end token), model's system prompt where a conversation has none"),
@@ -76,7 +78,8 @@ def plan(r: Resolved) -> Plan:
                         f"{t.resume or 'off'}; early stopping "
                         f"{f'after {t.early_stopping_patience} evals' if t.early_stopping_patience else 'off'}"),
         log_backend_fact(cfg.log_backend, cfg.output_dir),
-    ], inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r),
+    ], sections=[sampling_section(cfg.data, "sft", r, t.epochs), probes_section(r)],
+       inputs=[data_input(cfg.data, ("sft.jsonl", "sft_eval.jsonl", "manifest.json"), r), base_model_input(r),
                *resume_input(cfg.output_dir, t.resume)],
        outputs=[dir_output(cfg.output_dir, "adapter + checkpoints"),
                 Item("adapter", f"{cfg.output_dir}/adapter", "safetensors + tokenizer + chat template"),

@@ -101,6 +101,9 @@ def test_both_losses_start_from_the_latest_sft_run_and_register_a_version_that_g
         assert "nll_loss" in run.data.metrics and "log_odds_ratio" in run.data.metrics
     pairs = [json.loads(line) for line in (world["pool"] / "pref.jsonl").read_text(encoding="utf-8").splitlines()]
     assert run.data.params["data.zh_pairs"] == str(sum(p["lang"] == "zh" for p in pairs)) != "0"
+    log = (world["tmp"] / loss / "logs" / f"{run.info.run_id}.log").read_text(encoding="utf-8")
+    assert "***** Running training *****" in log and "step 3/3" in log and f"align registered models:/zh-align-{loss}" in log
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/logs/align.log") == log
     out = mlflow.pyfunc.load_model(f"models:/zh-align-{loss}@candidate").predict({"prompt": ["你好"]})
     assert len(out) == 1 and isinstance(out[0], str)
 
@@ -111,6 +114,18 @@ def test_the_dry_run_shows_start_point_loss_and_mix(capsys):
     assert "latest FINISHED sft run with base qwen2.5-7b-instruct and profile 4090" in page
     assert "length penalty alpha 0.02" in page and "alpha·(|y_w| − |y_l|)" in page
     assert "zh share of tokens >=" in page
+    assert "(appears once the prepared pool exists: `make prepare HW=4090 DRY_RUN=0`)" in page
+
+
+def test_the_dry_run_shows_the_pairs_the_sampler_will_train_on_and_the_probes(world, capsys):
+    assert align.main(["--hw", "cpu", "--loss", "dpo", "--set", f"data.path={world['pool']}"]) == 0
+    page = capsys.readouterr().out
+    r = resolved(world, "dpo")
+    _, report = prepared.order(prepared.load_pool(r.cfg.data, "pref", r), r.cfg.train.epochs)
+    assert f"{report['rows']} rows, {report['tokens']} tokens, zh share {report['zh_share']:.3f}" in page
+    total = next(line for line in page.splitlines() if line.strip().startswith("total")).split()[1:]
+    assert total == [*(f"{b['rows']}·{b['tokens']}" for b in report["buckets"]), f"{report['rows']}·{report['tokens']}"]
+    assert "zh: 写一首关于秋天的五言绝句。" in page and "en: Explain in two sentences why the sky is blue." in page
 
 
 def _orpo_batch(world, name: str):

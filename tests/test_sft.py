@@ -107,6 +107,12 @@ def test_a_run_logs_its_metrics_and_registers_the_adapter(pool, tmp_path, mlflow
     assert version.tags["data.sha256"] == manifest["outputs"]["sft.jsonl"]["sha256"] and version.tags["final_loss"]
     config = json.loads((Path(result.adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     assert config["base_model_name_or_path"]  # the registered copy is checked for absolute paths in test_registry
+    log = tmp_path / "out" / "logs" / f"{run.info.run_id}.log"  # the run's full log beside its checkpoints
+    text = log.read_text(encoding="utf-8")
+    for line in ("INFO transformers.trainer: ***** Running training *****", "pipeline.trainer_logs: step 4/4",
+                 '"eval_loss"', '"train_runtime"', "sft trained 4 steps", "sft registered models:/zh-align-sft@"):
+        assert line in text, line
+    assert mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/logs/sft.log") == text
     model = mlflow.pyfunc.load_model("models:/zh-align-sft@candidate")
     out = model.predict({"prompt": ["你好，请介绍一下你自己。"]})
     assert len(out) == 1 and isinstance(out[0], str)
@@ -134,6 +140,43 @@ def test_the_dry_run_names_the_data_and_the_registered_model(capsys):
     page = capsys.readouterr().out
     assert "outputs/data/default/{sft.jsonl,sft_eval.jsonl,manifest.json}" in page and "zh-align-sft@candidate" in page
     assert "assistant tokens only" in page
+
+
+def _table(page: str, title: str) -> list[str]:
+    """The lines of one titled block of a dry-run page (indented under its title)."""
+    lines = page.splitlines()
+    start = lines.index(f"  {title}") + 1
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("    "))
+    return [line.strip() for line in lines[start:end]]
+
+
+def test_the_dry_run_shows_the_sampling_plan_and_the_probe_prompts(pool, capsys):
+    assert sft.main(["--hw", "cpu", "--set", f"data.path={pool}", "--set", "train.epochs=1"]) == 0
+    block = _table(capsys.readouterr().out, "sampling plan")
+    report = json.loads((pool / "manifest.json").read_text(encoding="utf-8"))["mix_epoch0"]["sft"]  # as prepare reported it
+    assert f"1 epochs: {report['rows']} rows, {report['tokens']} tokens, zh share {report['zh_share']:.3f}" in block[1]
+    cells = [line.split() for line in block[3:] if not line.startswith(("total", "zh share", "repeats"))]
+    assert len(cells) >= 3 and {c[1] for c in cells} == {"zh", "en"}
+    for source, want in report["sources"].items():  # the (source, lang) lines add up to the sampler's per-source sums
+        alls = [c[-1].split("·") for c in cells if c[0] == source]
+        assert [sum(int(a[0]) for a in alls), sum(int(a[1]) for a in alls)] == [want["rows"], want["tokens"]], source
+    total = next(line for line in block if line.startswith("total")).split()[1:]
+    assert total == [*(f"{b['rows']}·{b['tokens']}" for b in report["buckets"]), f"{report['rows']}·{report['tokens']}"]
+    stages = next(line for line in block if line.startswith("zh share per curriculum stage"))
+    assert all(f"until {st['until']:g}: {st['zh_share']:.3f}" in stages for st in report["stages"])
+    assert sft.main(["--hw", "cpu", "--set", f"data.path={pool}"]) == 0  # 1.5 epochs: as training orders them
+    r = resolved(pool, pool)
+    _, whole = prepared.order(prepared.load_pool(r.cfg.data, "sft", r), 1.5)
+    page = capsys.readouterr().out
+    assert f"1.5 epochs: {whole['rows']} rows, {whole['tokens']} tokens" in page
+    probes = _table(page, "generation probes")
+    assert "zh: 请用三句话介绍一下长城。" in probes and "en: Give three tips for writing clear code." in probes
+
+
+def test_without_a_pool_the_dry_run_says_when_the_plan_appears(tmp_path, capsys):
+    assert sft.main(["--hw", "cpu", "--set", f"data.path={tmp_path / 'nowhere'}"]) == 0
+    assert _table(capsys.readouterr().out, "sampling plan") == [
+        "(appears once the prepared pool exists: `make prepare HW=cpu DRY_RUN=0`)"]
 
 
 def test_ddp_on_two_cpu_processes_logs_one_run_from_rank_0(pool, tmp_path):

@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
 import psutil
 import pytest
 from mlflow import MlflowClient
+from transformers.utils import logging as hf_logging
 
 from pipeline.core import process
 from pipeline.core.paths import ROOT
@@ -27,7 +30,8 @@ SECRET = "hf_THIS_MUST_NOT_LEAK_42"
 
 
 def _run_stage(**kwargs):
-    r = resolve("sft", hw="cpu")
+    out = tempfile.mkdtemp(prefix="zh-align-tracking-")  # the run's log file lies there, not in the repo's outputs/
+    r = resolve("sft", hw="cpu", overrides=[("output_dir", out)])
     return r, tracking.start_run("sft", r.as_dict(), hw=r.hw.name, model=r.model.name, **kwargs)
 
 
@@ -39,8 +43,11 @@ def _artifact_texts(client: MlflowClient, run_id: str) -> dict[str, str]:
 def test_a_standalone_run_carries_config_tags_environment_and_its_log(mlflow_store, caplog):
     caplog.set_level(logging.INFO)
     r, ctx = _run_stage()
+    shown = warnings.showwarning
     with ctx as active:
         logging.getLogger("pipeline.sft").info("训练开始 step 1")
+        warnings.warn("注意：一个 Python 警告", UserWarning, stacklevel=1)
+        hf_logging.get_logger("transformers.trainer").info("***** Running training *****")
     run = MlflowClient().get_run(active.info.run_id)
     assert run.info.status == "FINISHED"
     tags = run.data.tags
@@ -53,7 +60,10 @@ def test_a_standalone_run_carries_config_tags_environment_and_its_log(mlflow_sto
     texts = _artifact_texts(MlflowClient(), active.info.run_id)
     assert "lora:" in texts["resolved_config.yaml"] and "r: 16" in texts["resolved_config.yaml"]
     assert "mlflow==" in texts["environment/pip-freeze.txt"]
-    assert "训练开始 step 1" in texts["logs/sft.log"]
+    log = texts["logs/sft.log"]
+    assert "训练开始 step 1" in log and "注意：一个 Python 警告" in log and "transformers.trainer: ***** Running" in log
+    assert (Path(r.cfg.output_dir) / "logs" / f"{active.info.run_id}.log").read_text(encoding="utf-8") == log
+    assert warnings.showwarning is shown  # Python warnings are captured only while the run is open
     assert MlflowClient().get_experiment(run.info.experiment_id).name == "zh-align-test"
 
 

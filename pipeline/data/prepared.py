@@ -141,3 +141,37 @@ def data_tags(pool: Pool) -> dict[str, str]:
     return {"data.run_id": pool.run_id or "", "data.sha256": pool.digest,
             "licence.noncommercial": str(bool(licence.get("noncommercial"))).lower(),
             "licence.noncommercial_sources": ",".join(licence.get("sources", [])) or "none"}
+
+
+def sampling_plan(ref: DataRef, kind: str, r: Resolved, epochs: float) -> dict[str, Any] | None:
+    """What the training stage's sampler will do with the pool, for the dry run, without loading a model: the pool
+    read and cut at the profile's max_length as :func:`load_pool` does, ordered for ``epochs`` as :func:`order` does;
+    the sampler's report plus rows and tokens per (source, bucket, lang). None when no prepared pool exists yet. A pool
+    measured with another tokenizer is planned on its recorded counts (``remeasured``: the run counts again)."""
+    try:
+        folder, run_id = pool_folder(ref)
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        train = _rows(folder / f"{kind}.jsonl")
+    except (ConfigError, StageError, OSError, ValueError):
+        return None
+    fits = [row for row in train if row["n_tokens"] <= r.hw.max_length]
+    plan: dict[str, Any] = {"folder": str(folder), "seed": manifest.get("seed"), "edges": manifest.get("buckets", []),
+                            "over_length": len(train) - len(fits), "measured_by": manifest.get("tokenizer"),
+                            "remeasured": manifest.get("tokenizer") != r.model.ref, "problem": None}
+    if not fits:
+        plan["problem"] = f"no {kind} row fits max_length {r.hw.max_length} of profile {r.hw.name}"
+        return plan
+    try:
+        rows, plan["report"] = order(Pool(folder, run_id, manifest, fits, [], plan["over_length"], kind), epochs)
+    except (ConfigError, StageError) as err:
+        plan["problem"] = str(err)
+        return plan
+    cells: dict[tuple[str, int, str], list[int]] = {}
+    for i in rows:
+        row = fits[i]
+        cell = cells.setdefault((row["source"], row["bucket"], row["lang"]), [0, 0])
+        cell[0] += 1
+        cell[1] += row["n_tokens"]
+    plan["cells"] = [{"source": s, "bucket": b, "lang": lang, "rows": n, "tokens": t}
+                     for (s, b, lang), (n, t) in sorted(cells.items())]
+    return plan

@@ -19,7 +19,7 @@ from pipeline.core.profiles import apply_hub_env
 from pipeline.core.resolved import Resolved
 from pipeline.core.secrets import redact, redact_urls
 from pipeline.core.strict import yaml_value
-from pipeline.data.prepared import DataRef, pool_folder, verify_pool
+from pipeline.data.prepared import DataRef, pool_folder, sampling_plan, verify_pool
 from pipeline.hardware.planner import Estimate
 from pipeline.models.loading import check_device
 from pipeline.models.tiny import tiny_cache_path
@@ -29,6 +29,7 @@ from pipeline.tracking import lineage
 from pipeline.tracking.model_registry import RegisterConfig
 from pipeline.tracking.runs import experiment_name, tracking_uri
 from pipeline.training import checkpoints
+from pipeline.training.probes import MAX_NEW_TOKENS, probes
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Plan:
     inputs: list[Item] = field(default_factory=list)
     outputs: list[Item] = field(default_factory=list)
     estimate: Estimate = field(default_factory=Estimate)   # the planner's memory / time / disk lines
+    sections: list[tuple[str, list[str]]] = field(default_factory=list)  # titled blocks: the sampling plan, probes
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -172,6 +174,52 @@ def hardware_fact(r: Resolved) -> str:
             f", Liger {on[h.liger]}")
 
 
+def sampling_section(ref: DataRef, kind: str, r: Resolved, epochs: float) -> tuple[str, list[str]]:
+    """The sampler's plan over the prepared pool (what the run will train on): rows·tokens per source × language ×
+    bucket, the zh share per curriculum stage, repeats; one line when no pool exists yet."""
+    title = "sampling plan"
+    linked = bool(ref.run_id) and not RUN_ID.fullmatch(ref.run_id or "")  # a pipeline's prepare child, not run yet
+    plan = None if linked else sampling_plan(ref, kind, r, epochs)
+    if plan is None:
+        return title, [f"(appears once the prepared pool exists: {make_command('prepare', r)})"]
+    head = f"pool {shown(Path(plan['folder']))}, seed {plan['seed']}"
+    if plan["over_length"]:
+        head += f"; {plan['over_length']} rows over max_length {r.hw.max_length} left out"
+    if plan["remeasured"]:
+        head += f"; token counts by the tokenizer of {plan['measured_by']} (the run counts again with {r.model.ref})"
+    if plan["problem"]:
+        return title, [head, f"PROBLEM: {plan['problem']}"]
+    rep, edges = plan["report"], plan["edges"]
+    lines = [head, f"{rep['epochs']:g} epochs: {rep['rows']} rows, {rep['tokens']} tokens, zh share "
+                   f"{rep['zh_share']:.3f} (target {rep['target_zh_share']:g}); rows·tokens per bucket:"]
+    labels = [f"≤{e}" for e in edges] or [str(b) for b in range(len(rep["buckets"]))]
+    table: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for c in plan["cells"]:
+        table.setdefault((c["source"], c["lang"]), [(0, 0)] * len(labels))[c["bucket"]] = (c["rows"], c["tokens"])
+    body = [[s, lang, *(f"{n}·{t}" if n else "-" for n, t in cells),
+             f"{sum(n for n, _ in cells)}·{sum(t for _, t in cells)}"] for (s, lang), cells in sorted(table.items())]
+    body.append(["total", "", *(f"{b['rows']}·{b['tokens']}" for b in rep["buckets"]), f"{rep['rows']}·{rep['tokens']}"])
+    header = ["source", "lang", *labels, "all"]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+              for row in [header, *body]]
+    stages = " · ".join(f"until {st['until']:g}: {st['zh_share']:.3f} (target {st['target_zh_share']:g}, "
+                        f"{st['tokens']} tokens)" for st in rep["stages"])
+    lines.append(f"zh share per curriculum stage: {stages}")
+    extra = f"repeats: {rep['repeats']['rows']} rows seen more than once per epoch"
+    if rep["shortfall"]:
+        extra += f"; zh shortfall: {rep['shortfall']['action']} (achievable {rep['shortfall']['achievable']:.3f})"
+    if rep["left_out_sources"]:
+        extra += f"; sources weighted 0: {', '.join(rep['left_out_sources'])}"
+    return title, [*lines, extra]
+
+
+def probes_section(r: Resolved) -> tuple[str, list[str]]:
+    """The fixed probe prompts the run answers at its end (greedy), logged as its generations table."""
+    return "generation probes", [f"greedy, up to {MAX_NEW_TOKENS} new tokens, with the model's system prompt; logged "
+                                 f"as generations.json", *(f"{lang}: {prompt}" for lang, prompt in probes())]
+
+
 def log_backend_fact(backend: str, output_dir: str = "") -> tuple[str, str]:
     """Where the extra logger writes: the Trainer's TensorBoard callback under ``<output_dir>/runs/`` (unless
     TENSORBOARD_LOGGING_DIR says otherwise), W&B under WANDB_DIR (offline with WANDB_MODE=offline)."""
@@ -211,6 +259,9 @@ def render(plan: Plan, hub_env: dict[str, str]) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"━━ {r.stage} ━━ (HW={r.hw.name}, model {r.model.name})"]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    for title, body in plan.sections:
+        lines.append(f"  {title}")
+        lines += [f"    {line}" for line in body]
     for title, items in (("inputs", plan.inputs), ("outputs", plan.outputs)):
         lines.append(f"  {title}")
         lines += [f"    - {it.what}: {it.where} [{it.state}]" for it in items]

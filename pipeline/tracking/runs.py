@@ -2,8 +2,8 @@
 
 ``start_run`` opens the stage's run, or attaches to the one ``mlflow run`` created (``MLFLOW_RUN_ID``; no
 ``set_experiment`` there), logs the resolved config as flattened params and as a YAML artifact, the lineage tags,
-``pip freeze`` and the stage's own log file; on an exception it ends the run FAILED with the message as a tag and
-lets the exception propagate. No secret is logged (:mod:`pipeline.core.secrets`): values of keys or environment
+``pip freeze`` and the stage's own log file (:mod:`.runlog`); on an exception it ends the run FAILED with the message
+as a tag and lets the exception propagate. No secret is logged (:mod:`pipeline.core.secrets`): values of keys or environment
 variables named like a token, key, secret or password, URL passwords, and those values wherever they reappear — in
 params, tags, the ``error`` tag, text artifacts and the stage's log file. Only rank 0 of several processes talks to
 MLflow.
@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,8 @@ from pipeline.core.errors import StageError
 from pipeline.core.paths import ROOT, repo_path
 from pipeline.core.process import Interrupted
 from pipeline.core.runtime import rank
-from pipeline.core.secrets import REDACTED, Scrubber, ScrubbingFormatter, is_secret, redact, remember
-from pipeline.tracking import liveness
+from pipeline.core.secrets import REDACTED, Scrubber, is_secret, redact, remember
+from pipeline.tracking import liveness, runlog
 from pipeline.tracking.retry import first_use, retry_locked
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,9 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
             active = mlflow.start_run(run_name=run_name or f"{stage}-{hw}", log_system_metrics=system_metrics or None)
     else:
         active = mlflow.active_run()
-    logdir = Path(tempfile.mkdtemp(prefix=f"zh-align-{stage}-"))
-    handler = logging.FileHandler(logdir / f"{stage}.log", encoding="utf-8")
-    handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
     output, trains = _output_dir(config), "resume" in dict(config.get("config") or {}).get("train", {})
+    log_file = runlog.path(stage, output if trains else None, active.info.run_id)
+    handler = runlog.capture(log_file)
     client = mlflow.MlflowClient(tracking_uri())
     heart = liveness.Heartbeat(client, active.info.run_id)
     try:
@@ -148,9 +147,9 @@ def start_run(stage: str, config: Mapping[str, Any], *, hw: str, model: str, dry
         mlflow.set_tag("error", Scrubber()(str(err) if killed else f"{type(err).__name__}: {err}")[:MAX_VALUE])
         if killed:
             mlflow.set_tag("killed_reason", f"{err}; {liveness.how_to_go_on(stage, active.data.tags, trains)}")
-        _close(mlflow, handler, logdir, stage, owned, "KILLED" if killed else "FAILED", heart)
+        _close(mlflow, handler, log_file, stage, owned, "KILLED" if killed else "FAILED", heart)
         raise
-    _close(mlflow, handler, logdir, stage, owned, "FINISHED", heart)
+    _close(mlflow, handler, log_file, stage, owned, "FINISHED", heart)
 
 
 def _output_dir(config: Mapping[str, Any]) -> str | None:
@@ -166,14 +165,16 @@ def _sweep(client: Any, active: Any, stage: str, output: str | None, trains: boo
         log.warning("could not look for runs left RUNNING by dead processes: %s", err)
 
 
-def _close(mlflow: Any, handler: logging.Handler, logdir: Path, stage: str, owned: bool, status: str,
+def _close(mlflow: Any, handler: logging.Handler, log_file: Path, stage: str, owned: bool, status: str,
            heart: liveness.Heartbeat) -> None:
     heart.stop()
-    logging.getLogger().removeHandler(handler)
-    handler.close()
+    runlog.release(handler)
     try:
         mlflow.set_tag("heartbeat", f"{time.time():.0f}")
-        mlflow.log_artifact(str(logdir / f"{stage}.log"), "logs")
+        with tempfile.TemporaryDirectory(prefix="zh-align-log-") as tmp:
+            named = Path(tmp) / f"{stage}.log"  # the artifact keeps the stage's name, as an early failure's does
+            shutil.copyfile(log_file, named)
+            mlflow.log_artifact(str(named), "logs")
     finally:
         if owned:
             mlflow.end_run(status)

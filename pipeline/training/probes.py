@@ -14,6 +14,7 @@ from pipeline.core.paths import ASSETS
 PROBES = ASSETS / "probe_prompts.json"
 PROBE_FILE = "probe_logits.json"
 TOP_K = 20
+MAX_NEW_TOKENS = 48  # each probe's greedy answer in the generations table
 
 
 def probes() -> list[tuple[str, str]]:
@@ -27,7 +28,7 @@ def probe_texts(tokenizer: Any, system: str) -> list[str]:
                                           tokenize=False, add_generation_prompt=True) for _, p in probes()]
 
 
-def generations(model: Any, tokenizer: Any, system: str, max_new_tokens: int = 48) -> dict[str, list]:
+def generations(model: Any, tokenizer: Any, system: str, max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, list]:
     """Greedy answers to the probe prompts, as table columns (lang, prompt, output)."""
     import torch
 

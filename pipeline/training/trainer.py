@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -22,7 +23,7 @@ from pipeline.core.runtime import world_size
 from pipeline.data.prepared import Pool
 from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path
-from pipeline.tracking import model_registry, runs
+from pipeline.tracking import model_registry, runlog, runs
 from pipeline.training import checkpoints
 from pipeline.training.config import TrainConfig
 from pipeline.training.preference import logit_chunk
@@ -78,12 +79,15 @@ def fit(r: Resolved, stage: str, build: Any, out: Path, tags: dict[str, str], po
         final = final_loss(trainer.state.log_history)
         if not trainer.is_world_process_zero():
             return Fitted(adapter, trainer.state.global_step, final, None)
+        log.info("%s trained %d steps, final loss %s; adapter saved to %s", stage, trainer.state.global_step, final,
+                 adapter)
         runs.log_table(generations(trainer.model, tokenizer, r.model.system_prompt), "generations.json")
     base, revision = base_model_path(r.model)
     reg = model_registry.log_adapter_model(adapter, registered_name=r.cfg.register.name, alias=r.cfg.register.alias,
                                      base_model=r.model.hub_id or base, revision=revision,
                                      system_prompt=r.model.system_prompt,
                                      tags={**tags, **version_tags(r, stage, final)})
+    log.info("%s registered %s", stage, reg["uri"])
     return Fitted(adapter, trainer.state.global_step, final, reg["uri"])
 
 
@@ -232,6 +236,8 @@ def metrics_callback(epochs: float):
     import torch
     from transformers import TrainerCallback
 
+    history = logging.getLogger(runlog.TRAINER_LOGS)
+
     class MlflowMetrics(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             self.clock, self.tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -239,6 +245,8 @@ def metrics_callback(epochs: float):
                 torch.cuda.reset_peak_memory_stats()
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                history.info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs, ensure_ascii=False))
             if not state.is_world_process_zero or not logs or not runs.has_run():
                 return
             m = {k: float(logs[k]) for k in ("loss", "grad_norm", "learning_rate", "eval_loss") if k in logs}
