@@ -208,9 +208,9 @@ def test_make_eval_runs_the_mirrors_step_first_only_for_a_real_run():
     from pipeline.core.paths import ROOT
 
     def steps(*args: str) -> list[str]:
-        out = subprocess.run(["make", "-n", "-o", ".venv/.setup-stamp", *args], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout
-        return [line for line in out.splitlines() if line.strip()]
+        out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.setup-stamp", *args], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        return [line for line in out.splitlines() if line.strip() and not line.startswith("make[")]
 
     real = steps("eval", "DRY_RUN=0", "HW=4090")
     assert "-m pipeline.mirrors --hw '4090'" in real[0] and real[0].endswith("--if-missing")

@@ -26,6 +26,7 @@ from pipeline.core.paths import ROOT
 
 START = 240.0  # seconds a server may take to answer on a busy 2-core machine (it creates its store's tables)
 STEPS = 10  # each training-shaped stage logs this many steps, each step two requests
+RUNUSER = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")  # util-linux; sbin may be off PATH
 
 
 def free_port() -> int:
@@ -103,7 +104,7 @@ class Postgres:
             user = pwd.getpwnam("postgres")
             for path in (self.root, self.sock):
                 os.chown(path, user.pw_uid, user.pw_gid)
-            self.prefix = ["runuser", "-u", "postgres", "--"]
+            self.prefix = [RUNUSER, "-u", "postgres", "--"]
         self.started = False
 
     def run(self, *cmd: str) -> None:
@@ -144,7 +145,7 @@ def postgres_missing() -> str | None:
             pwd.getpwnam("postgres")
         except KeyError:
             return "running as root and there is no user postgres to run initdb as (initdb refuses root)"
-        if shutil.which("runuser") is None:
+        if RUNUSER is None:
             return "running as root without runuser to start PostgreSQL as user postgres"
     return None
 
