@@ -44,3 +44,20 @@ def module_store(tmp_path_factory: pytest.TempPathFactory):
     yield tmp
     mp.undo()
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory):
+    """The smoke pool (prepare on the fixtures), made once per test module that asks for it, in its own MLflow store.
+    A module may define its own ``pool`` instead."""
+    from pipeline import prepare
+
+    tmp = tmp_path_factory.mktemp("pool")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+    mp.delenv("MLFLOW_RUN_ID", raising=False)
+    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
+    mp.undo()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    return tmp / "data"

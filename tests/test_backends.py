@@ -14,7 +14,7 @@ import mlflow
 import pytest
 from mlflow.projects import _project_spec
 
-from pipeline import prepare, sft
+from pipeline import sft
 from pipeline.core.errors import ConfigError
 from pipeline.core.paths import ROOT
 from pipeline.core.profiles import DEFAULT_HW
@@ -27,20 +27,6 @@ from pipeline.training import config as training_config
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1", "train.max_steps=2", "train.eval_steps=100",
         "train.save_steps=100"]
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> Path:
-    """The smoke pool, prepared once for this module (its own MLflow store)."""
-    tmp = tmp_path_factory.mktemp("pool")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
-    mp.undo()
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    return tmp / "data"
 
 
 def _train(pool: Path, out: Path, backend: str):

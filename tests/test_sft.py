@@ -10,26 +10,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import prepare, sft
+from pipeline import sft
 from pipeline.core.strict import parse_overrides
 from pipeline.data import prepared
 from pipeline.stage.resolve import resolve
 
 FAST = ["hw.micro_batch=4", "hw.grad_accum=1", "train.logging_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory) -> Path:
-    """The smoke pool, prepared once for this module (its own MLflow store)."""
-    tmp = tmp_path_factory.mktemp("pool")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    assert prepare.main(["--hw", "cpu", "--dry-run", "false", "--set", f"output_dir={tmp / 'data'}"]) == 0
-    mp.undo()
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    return tmp / "data"
 
 
 def resolved(pool: Path, out: Path, *sets: str):

@@ -166,6 +166,10 @@ def sampling_plan(ref: DataRef, kind: str, r: Resolved, epochs: float) -> dict[s
     except (ConfigError, StageError) as err:
         plan["problem"] = str(err)
         return plan
+    except (KeyError, TypeError, ValueError) as err:  # a manifest made by hand or by another version
+        plan["problem"] = (f"{folder}/manifest.json lacks what the sampler reads ({type(err).__name__}: {err}); "
+                           f"prepare the pool again with `make prepare`")
+        return plan
     cells: dict[tuple[str, int, str], list[int]] = {}
     for i in rows:
         row = fits[i]
