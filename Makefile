@@ -6,6 +6,8 @@ HW ?= 4090
 EXPERIMENT ?= zh-align
 ENV_MANAGER ?= local
 SET ?=
+# make demo's model: 2 tiny random layers on Qwen2.5's real tokenizer and vocabulary (tiny-qwen2: half the time)
+DEMO_MODEL ?= tiny-qwen2.5
 LOSS ?= orpo
 PORT ?= 5000
 HOST ?= 127.0.0.1
@@ -81,9 +83,10 @@ help: ## list the targets and the variables
 	@echo "variables: DRY_RUN=$(DRY_RUN) HW=$(HW) EXPERIMENT=$(EXPERIMENT) ENV_MANAGER=$(ENV_MANAGER)" \
 	  "LOSS=$(LOSS) HOST=$(HOST) PORT=$(PORT) CONFIG=$(CONFIG) SET=$(SET) ACCEL=$(ACCEL) ROWS=$(ROWS) STAGE=$(STAGE)"
 
-demo: ## start here: set up, then run the whole chain for real on the tiny model, offline (HW=cpu, a few minutes)
+demo: ## start here: set up, then run the whole chain for real on a tiny Qwen2.5 (its real tokenizer), offline, on CPU
 	@$(MAKE) --no-print-directory setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory pipeline HW=cpu DRY_RUN=0 LOSS='$(LOSS)'
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(MAKE) --no-print-directory pipeline HW=cpu DRY_RUN=0 LOSS='$(LOSS)' \
+	  SET='$(strip model=$(DEMO_MODEL) $(subst ','\'',$(SET)))'
 
 setup: $(STAMP) ## create .venv and install the pinned stack (CPU torch here; + the gpu extra where nvidia-smi exists)
 
