@@ -76,3 +76,20 @@ def test_the_training_run_logs_system_metrics(trained):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, sorted(system)
     assert metrics["system/system_memory_usage_megabytes"] > 0
     assert not any(k.startswith("system/") for k in trained["runs"]["prepare"].data.metrics)  # training and eval only
+
+
+def test_datasets_fingerprints_the_tokenizer_by_digest():
+    """The trainers' dataset maps fingerprint Qwen2.5's tokenizer by a digest of what it does (not a 2 s pickle):
+    the same for an equal tokenizer, different when the chat template changes, untouched by runtime truncation."""
+    from datasets.fingerprint import Hasher
+
+    from pipeline.training.trainer import quick_tokenizer_hash
+
+    model = load_model("tiny-qwen2.5")
+    tok, same, other = load_tokenizer(model), load_tokenizer(model), load_tokenizer(model)
+    other.chat_template += "\n"
+    quick_tokenizer_hash(tok)
+    first = Hasher.hash(tok)
+    assert Hasher.hash(same) == first and Hasher.hash(other) != first
+    tok.backend_tokenizer.enable_truncation(max_length=7)
+    assert Hasher.hash(tok) == first and tok.backend_tokenizer.truncation["max_length"] == 7
