@@ -17,3 +17,10 @@ def world_size() -> int:
 def launched() -> bool:
     """Whether a launcher started this process (so a stage must not launch itself again)."""
     return "LOCAL_RANK" in os.environ
+
+
+def sharded() -> bool:
+    """Whether ``accelerate launch`` split the weights across the processes (FSDP, DeepSpeed ZeRO-3): then no rank
+    holds the whole model, and a forward pass on one rank alone waits forever for the others."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
