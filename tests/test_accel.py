@@ -198,11 +198,15 @@ def test_qlora_under_fsdp_stores_the_4bit_weights_in_the_compute_dtype(compute, 
     from pipeline.models.loading import QloraConfig, load_kwargs
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with fsdp.yaml sets it
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     hw = dataclasses.replace(resolve("sft", hw="4090", overrides=[]).hw, qlora=True)
     kw = load_kwargs(hw, QloraConfig(compute_dtype=compute))
     q = kw["quantization_config"]
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_quant_storage == q.bnb_4bit_compute_dtype == kw["dtype"] == getattr(torch, dtype)
+    assert "device_map" not in kw  # one process: transformers places it
+    monkeypatch.setenv("LOCAL_RANK", "1")  # rank 1 of `accelerate launch`: its own GPU, not every rank's on GPU 0
+    assert load_kwargs(hw, QloraConfig(compute_dtype=compute))["device_map"] == {"": 1}
 
 
 def test_sharded_follows_the_launchers_environment(monkeypatch):

@@ -10,6 +10,11 @@ def rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
 
 
+def local_rank() -> int:
+    """This process's GPU on its machine (0 when alone)."""
+    return int(os.environ.get("LOCAL_RANK") or 0)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or 1)
 
