@@ -220,3 +220,11 @@ def test_sharded_follows_the_launchers_environment(monkeypatch):
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert sharded()
+
+
+def test_the_ddp_plan_on_cpu_shows_the_two_gloo_processes_it_launches(store, capsys):
+    assert sft.main(["--hw", "cpu", "--accel", "ddp"]) == 0
+    page = capsys.readouterr().out
+    assert ("launch   accelerate launch --config_file configs/accelerate/ddp.yaml --multi_gpu --num_processes 2 -m "
+            "pipeline.sft --hw cpu --dry-run false") in page
+    assert "shards   nothing: every process holds the whole model" in page and "[read by accelerate]" in page
