@@ -102,7 +102,7 @@ plan: $(STAMP) ## the plans of all five stages on one page with predicted memory
 
 pipeline: $(STAMP) ## prepare → sft → align → evaluate → export as child runs of one parent run (LOSS=orpo|dpo, RESUME=run id)
 	$(if $(filter 0,$(DRY_RUN)),$(PY) -m pipeline.mirrors --hw '$(HW)' --overrides $(SET_Q) --if-missing)
-	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --overrides $(SET_Q) --dry-run true $(CHECK) > /dev/null
+	@$(PY) -m pipeline.pipeline --hw '$(HW)' --loss '$(LOSS)' --accel '$(ACCEL)' --overrides $(SET_Q) --dry-run true $(CHECK) > /dev/null
 	mlflow run . -e pipeline --env-manager $(ENV_MANAGER) --experiment-name '$(RUN_EXPERIMENT)' \
 	  --run-name 'pipeline-$(HW)-$(LOSS)' \
 	  -P hw='$(HW)' -P dry_run=$(DRY) -P loss='$(LOSS)' -P overrides=$(SET_Q) -P accel='$(ACCEL)' -P resume='$(RESUME)'
@@ -125,11 +125,11 @@ bench-data: $(STAMP) ## prepare's data path on ROWS synthetic zh/en rows: cleani
 gpu-smoke: $(STAMP) ## on a CUDA GPU: sft in bf16 / QLoRA / Liger, DPO and ORPO-QLoRA from it, a forced OOM; JSON in outputs/gpu-smoke
 	$(PY) tools/gpu_smoke.py --out outputs/gpu-smoke
 
-sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft (ACCEL=ddp: all GPUs)
-	$(call stage,sft,,-P accel='$(ACCEL)')
+sft: $(STAMP) ## LoRA/QLoRA supervised fine-tuning; registers the adapter as zh-align-sft (ACCEL=ddp|fsdp|zero2|zero3: all GPUs)
+	$(call stage,sft,--accel '$(ACCEL)',-P accel='$(ACCEL)')
 
 align: $(STAMP) ## preference alignment from the SFT adapter, LOSS=orpo|dpo
-	$(call stage,align,--loss '$(LOSS)',-P loss='$(LOSS)' -P accel='$(ACCEL)')
+	$(call stage,align,--loss '$(LOSS)' --accel '$(ACCEL)',-P loss='$(LOSS)' -P accel='$(ACCEL)')
 
 orpo: ## align with ORPO (= make align LOSS=orpo)
 	@$(MAKE) --no-print-directory align LOSS=orpo

@@ -27,8 +27,8 @@ from typing import Any
 from pipeline.core.errors import StageError
 from pipeline.core.resolved import Resolved
 from pipeline.core.strict import parse_overrides, yaml_value
-from pipeline.stage import cli
-from pipeline.stage.dryrun import pages, precheck
+from pipeline.stage import accel, cli
+from pipeline.stage.dryrun import Plan, pages, precheck
 from pipeline.stage.resolve import resolve_all, split_overrides
 from pipeline.stage.spec import get, names, stages, variant_flags
 from pipeline.tracking import lineage, runs
@@ -58,6 +58,10 @@ class Chain:
         return get(stage).parameters(hw=self.hw, overrides=overrides, variant=self.variants.get(stage) or "",
                                      accel=self.accel)
 
+    def annotate(self, plan: Plan) -> Plan:
+        """A stage's plan with the launch line and sharding of ``--accel`` where it runs under accelerate."""
+        return accel.annotate(plan, self.accel) if get(plan.resolved.stage).accel else plan
+
     def variant_choices(self) -> dict[str, str]:
         """Each variant flag with the variant in force (``{"loss": "orpo"}``)."""
         return {flag: self.variants.get(stage.name) or stage.variants[0] for flag, stage in variant_flags().items()}
@@ -85,7 +89,7 @@ def page(c: Chain) -> str:
     head = [f"━━ pipeline ━━ (HW={c.hw}{', ' + chosen if chosen else ''}) — {' → '.join(names())}, each a child run "
             f"of one parent run", f"  links  {links}",
             "  after  the parent run holds child.<stage> run ids, the children's key metrics and summary.json"]
-    return "\n\n".join(["\n".join(head), pages(c.resolved)])
+    return "\n\n".join(["\n".join(head), pages(c.resolved, c.annotate)])
 
 
 @dataclass
@@ -226,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
 
     def go() -> None:
+        if args.accel:
+            accel.config_path(args.accel)  # an unknown name: exit 2 before anything is resolved or started
         c = chain(args.hw, parse_overrides(args.set, args.overrides), cli.variants(args), args.accel, args.resume)
         check_store()
         if args.check or not args.dry_run:  # every stage's inputs before the first child starts
-            precheck([get(r.stage).plan(r) for r in c.resolved])
+            precheck([c.annotate(get(r.stage).plan(r)) for r in c.resolved])
         print(page(c)) if args.dry_run else run(c)
 
     return cli.supervise("pipeline", go)

@@ -10,6 +10,11 @@ def rank() -> int:
     return int(os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or 0)
 
 
+def local_rank() -> int:
+    """This process's GPU on its machine (0 when alone)."""
+    return int(os.environ.get("LOCAL_RANK") or 0)
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE") or 1)
 
@@ -17,3 +22,10 @@ def world_size() -> int:
 def launched() -> bool:
     """Whether a launcher started this process (so a stage must not launch itself again)."""
     return "LOCAL_RANK" in os.environ
+
+
+def sharded() -> bool:
+    """Whether ``accelerate launch`` split the weights across the processes (FSDP, DeepSpeed ZeRO-3): then no rank
+    holds the whole model, and a forward pass on one rank alone waits forever for the others."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")

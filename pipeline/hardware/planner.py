@@ -233,3 +233,24 @@ def export(hw: HardwareProfile, model: ModelDef) -> Estimate:
     est.disk_gib = 2 * merged
     est.lines.append(("disk", f"{_gib(2 * merged)}: the merged folder {_gib(merged)} + its MLflow copy"))
     return est
+
+
+SHARDS_WEIGHTS = {"fsdp": True, "zero3": True}  # the multi-GPU modes that split the base's weights across the cards
+
+
+def per_card(hw: HardwareProfile, model: ModelDef, lora: Any, mode: str, cards: int) -> dict[str, float]:
+    """Computed (not measured) GB per card under ``accelerate launch`` with configs/accelerate/<mode>.yaml on ``cards``
+    GPUs: the base's weights, the LoRA's parameter + gradient + AdamW states, and what a sharded step gathers on top
+    (FSDP's root unit — embedding and head — plus two decoder layers with prefetch; ZeRO-3 gathers about as much).
+    Activations are each card's own in every mode (the memory line of the profile)."""
+    s = shape(model)
+    weights = M.weight_bytes(s, hw.precision, hw.qlora)
+    states = s.lora_params(lora.r, list(lora.target_modules)) * M.ADAPTER_BYTES
+    if SHARDS_WEIGHTS.get(mode):
+        layer = (weights - s.embedding_params * 2) / s.layers
+        gathered = (s.embedding_params * 2 + 2 * layer) * (1 - 1 / cards)
+        return {"weights": weights / cards / 1e9, "adapter": states / cards / 1e9, "gathered": gathered / 1e9}
+    if mode == "zero2":  # gradients and optimizer states sharded; the fp32 adapter parameters on every card
+        kept = states * 4 / M.ADAPTER_BYTES
+        return {"weights": weights / 1e9, "adapter": (kept + (states - kept) / cards) / 1e9, "gathered": 0.0}
+    return {"weights": weights / 1e9, "adapter": states / 1e9, "gathered": 0.0}

@@ -13,6 +13,7 @@ from typing import Literal
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import repo_path
 from pipeline.core.profiles import HardwareProfile, ModelDef
+from pipeline.core.runtime import launched, local_rank
 from pipeline.core.strict import Key, load_yaml
 from pipeline.models.tiny import tiny_model_dir
 
@@ -138,9 +139,14 @@ def load_kwargs(hw: HardwareProfile, qlora: QloraConfig) -> dict:
     from transformers import BitsAndBytesConfig
 
     compute = getattr(torch, DTYPES[qlora.compute_dtype])
-    return {"dtype": compute, "quantization_config": BitsAndBytesConfig(
+    # The 4-bit weights packed in the compute dtype (not uint8): FSDP (ACCEL=fsdp) shards them then like the bf16
+    # weights around them, and the model loads in that same dtype (the PEFT FSDP-QLoRA recipe); one GPU is unaffected.
+    kw = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=qlora.quant_type, bnb_4bit_use_double_quant=qlora.double_quant,
         bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)}
+    if launched():  # several processes: each one's 4-bit base on its own GPU (the Trainer sets the device later)
+        kw["device_map"] = {"": local_rank()}
+    return kw
 
 
 def with_lora(base, hw: HardwareProfile, lora: LoraConfig | None, adapter: str | None = None,

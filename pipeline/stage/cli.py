@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import ConfigError, StageError
-from pipeline.core.paths import CONFIGS
 from pipeline.core.process import Interrupted, end_waiting_mlflow_run, supervised
 from pipeline.core.profiles import DEFAULT_HW, apply_hub_env
 from pipeline.core.runtime import launched, rank
 from pipeline.core.secrets import ScrubbingFormatter
 from pipeline.core.strict import parse_overrides
+from pipeline.stage import accel
 from pipeline.stage.dryrun import precheck, render
 from pipeline.stage.resolve import resolve
 from pipeline.stage.spec import Stage, variant_flags
@@ -108,6 +108,8 @@ def main(stage: Stage, argv: list[str] | None = None) -> int:
 
     def go() -> None:
         variant = getattr(args, stage.variant_flag, None) if stage.variant_flag else None
+        if getattr(args, "accel", ""):
+            accel.config_path(args.accel)  # an unknown name: exit 2 before the store or any run is touched
         resolved = resolve(stage, config=args.config or None, hw=args.hw,
                            overrides=parse_overrides(args.set, args.overrides), variant=variant)
         hub_env = apply_hub_env(resolved.hub)
@@ -115,7 +117,7 @@ def main(stage: Stage, argv: list[str] | None = None) -> int:
         if getattr(args, "accel", "") and not args.dry_run and not launched():
             relaunch(stage, args.accel, list(sys.argv[1:] if argv is None else argv), resolved.hw.device)
         elif args.dry_run:
-            plan = stage.plan(resolved)
+            plan = accel.annotate(stage.plan(resolved), getattr(args, "accel", ""))
             if args.check:
                 precheck([plan])
             print(render(plan, hub_env))
@@ -174,26 +176,21 @@ def guarded(fn: Callable[[], Any], on_error: Callable[[BaseException], Any] | No
     return 0
 
 
-def relaunch(stage: Stage, accel: str, argv: list[str], device: str) -> None:
-    """Start the stage again under `accelerate launch` with configs/accelerate/<accel>.yaml: one process per GPU (two
-    gloo processes on CPU). The children inherit MLFLOW_RUN_ID; rank 0 logs to that run, the others log nothing."""
-    config = CONFIGS / "accelerate" / f"{accel}.yaml"
-    if not config.exists():
-        choices = sorted(p.stem for p in config.parent.glob("*.yaml"))
-        raise ConfigError([f"--accel {accel!r}: no {config}; choices: {', '.join(choices)}"])
-    if device == "cpu":  # torchrun's two processes; the Trainer (use_cpu) joins them with gloo
-        extra = ["--multi_gpu", "--num_processes", "2"]
-    else:
-        import torch
-
-        extra = ["--num_processes", str(max(1, torch.cuda.device_count()))]
+def relaunch(stage: Stage, name: str, argv: list[str], device: str) -> None:
+    """Start the stage again under `accelerate launch` with configs/accelerate/<name>.yaml (:mod:`.accel`): one
+    process per GPU (two gloo processes for DDP on CPU). The children inherit MLFLOW_RUN_ID; rank 0 logs to that run,
+    the others log nothing."""
+    config = accel.config_path(name)
+    found = accel.problems(name, device)
+    if found:
+        raise ConfigError(found)
     args = [a for a in argv if not a.startswith("--accel")]
     if "--accel" in argv:  # the value of a separate `--accel NAME`
         i = argv.index("--accel")
         args = argv[:i] + argv[i + 2:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *extra,
-           "-m", f"pipeline.{stage.name}", *args]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           *accel.launch_args(str(config), device, accel.load(config)), "-m", f"pipeline.{stage.name}", *args]
     log.info("launching: %s", " ".join(cmd))
     code = subprocess.call(cmd)
     if code:
-        raise StageError(f"{stage.name} under `accelerate launch` ({accel}) exited {code}; see the ranks' output above")
+        raise StageError(f"{stage.name} under `accelerate launch` ({name}) exited {code}; see the ranks' output above")

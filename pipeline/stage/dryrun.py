@@ -274,11 +274,11 @@ def render(plan: Plan, hub_env: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def pages(resolved: list[Resolved]) -> str:
+def pages(resolved: list[Resolved], annotate: Callable[[Plan], Plan] = lambda plan: plan) -> str:
     """The plans of several resolved stages, one after the other, and what they cost together (``make plan``, the
-    pipeline's dry run)."""
+    pipeline's dry run; ``annotate`` adds to each plan, e.g. the launch line of ``--accel``)."""
     hub_env = apply_hub_env(resolved[0].hub)
-    plans = [get(r.stage).plan(r) for r in resolved]
+    plans = [annotate(get(r.stage).plan(r)) for r in resolved]
     return "\n\n".join([*(render(p, hub_env) for p in plans), total(plans)])
 
 

@@ -19,7 +19,7 @@ from pipeline.core import atomic
 from pipeline.core.errors import StageError
 from pipeline.core.profiles import HardwareProfile
 from pipeline.core.resolved import Resolved
-from pipeline.core.runtime import world_size
+from pipeline.core.runtime import sharded, world_size
 from pipeline.data.prepared import Pool
 from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path
@@ -81,7 +81,11 @@ def fit(r: Resolved, stage: str, build: Any, out: Path, tags: dict[str, str], po
             return Fitted(adapter, trainer.state.global_step, final, None)
         log.info("%s trained %d steps, final loss %s; adapter saved to %s", stage, trainer.state.global_step, final,
                  adapter)
-        runs.log_table(generations(trainer.model, tokenizer, r.model.system_prompt), "generations.json")
+        if sharded():  # rank 0 holds a shard of each weight: generating alone would wait for the other ranks
+            log.info("%s: generation probes skipped under FSDP / ZeRO-3 (sharded weights); `make chat` or evaluate "
+                     "answer from the saved adapter", stage)
+        else:
+            runs.log_table(generations(trainer.model, tokenizer, r.model.system_prompt), "generations.json")
     base, revision = base_model_path(r.model)
     reg = model_registry.log_adapter_model(adapter, registered_name=r.cfg.register.name, alias=r.cfg.register.alias,
                                      base_model=r.model.hub_id or base, revision=revision,
