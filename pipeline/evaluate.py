@@ -4,6 +4,9 @@ The model under test is the base + an adapter (run id, `name@alias`, `name/versi
 evaluated on the bf16 base, as export ships it) or a merged folder. Tasks with a local copy (`mirrors`, the shipped
 `zh_smoke`) run from generated task YAMLs. Results land on the eval run and on the training run the adapter came from;
 with `compare_base` the base runs too (cached), and the forgetting report gates on a paired test per task group.
+`earlier` names an earlier adapter of the same line (the SFT adapter an aligned one started from): it runs beside the
+adapter on the same tasks and base, gets its own deltas, gate and write-back, and the report shows base → earlier →
+adapter.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ BASE_CACHE = ".cache/eval-base"  # or $ZH_ALIGN_EVAL_CACHE
 class EvaluateConfig:
     model: str = "qwen2.5-7b-instruct"
     adapter: str | None = "zh-align-sft@candidate"
+    earlier: str | None = None           # an earlier adapter of the same line, judged beside `adapter`
     tasks: list[str] = field(default_factory=lambda: ["cmmlu", "ceval-valid", "hellaswag", "winogrande"])
     num_fewshot: int | None = None
     limit: int | None = None
@@ -65,6 +69,9 @@ class EvaluateConfig:
                             f"(auto with N tries)")
         problems += [f"{key('mirrors')}: no local layout for task {t!r}; mirrors are read for "
                      f"{', '.join(evalsets.LAYOUTS)}" for t in self.mirrors if t not in evalsets.LAYOUTS]
+        if self.earlier and not self.adapter:
+            problems.append(f"{key('earlier')} is {self.earlier!r} but `adapter` is null (the base alone); the earlier "
+                            f"adapter is judged beside an adapter: set `adapter`, or `earlier: null`")
         return problems + at_least(key, self, ("limit",), nullable=True) + at_least(key, self, ("num_fewshot",), 0,
                                                                                    nullable=True)
 
@@ -83,13 +90,27 @@ def plan(r: Resolved) -> Plan:
                      f"limit {cfg.limit or 'none'}, batch size {cfg.batch_size}, chat template "
                      f"{'on' if cfg.apply_chat_template else 'off'}, system prompt "
                      f"{'the model definition' if cfg.system_prompt else 'none'}, dtype {r.hw.precision}"),
-        ("compare", "tuned vs base (forgetting report)" if cfg.compare_base else "tuned only"),
-    ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r), base_model_input(r), *mirrors, *hub],
-       outputs=[dir_output(cfg.output_dir, "results.json + results.csv + chart"),
-                Item("write-back", "eval/… metrics onto the training run, eval.* tags onto its registered version",
+        ("compare", _compared(cfg)),
+    ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r),
+               *([model_ref_input("earlier adapter (evaluated and gated too)", cfg.earlier, "sft", r, "earlier")]
+                 if cfg.earlier else []), base_model_input(r), *mirrors, *hub],
+       outputs=[dir_output(cfg.output_dir, "results.json + results.csv"
+                           + (" + forgetting report (json, csv, chart)" if cfg.compare_base else "")
+                           + (" + earlier/ (the earlier adapter's results)" if cfg.earlier else "")),
+                Item("write-back", "eval/… metrics onto the training run, eval.* tags onto its registered version"
+                     + (" — for each of the two adapters" if cfg.earlier else ""),
                      "on" if cfg.write_back else "off (write_back: false)")],
        estimate=planner.evaluation(r.hw, r.model, cfg.tasks, limit=cfg.limit,
-                                   compare_base=cfg.compare_base and cfg.adapter is not None))
+                                   compare_base=cfg.compare_base and cfg.adapter is not None,
+                                   earlier=bool(cfg.earlier)))
+
+
+def _compared(cfg: EvaluateConfig) -> str:
+    if not cfg.compare_base:
+        return "tuned only" + (" (the earlier adapter too, no gate)" if cfg.earlier else "")
+    if cfg.earlier:
+        return "base → earlier → tuned (forgetting report; each adapter gated against the base)"
+    return "tuned vs base (forgetting report)"
 
 
 @dataclass
@@ -97,9 +118,22 @@ class EvalResult:
     output_dir: str
     scores: dict[str, float]          # eval/<task>/<metric>
     gate: str | None
+    earlier_gate: str | None = None   # the earlier adapter's gate (None: no earlier adapter, or no base compared)
+    report: list[str] = field(default_factory=list)  # the forgetting report for people: base → … per task group
 
     def __str__(self) -> str:
-        return f"{len(self.scores)} scores, gate {self.gate or 'n/a'} → {self.output_dir}"
+        earlier = f", earlier adapter's gate {self.earlier_gate}" if self.earlier_gate else ""
+        return "\n  ".join([f"{len(self.scores)} scores, gate {self.gate or 'n/a'}{earlier} → {self.output_dir}",
+                            *self.report])
+
+
+@dataclass
+class _Judged:
+    """One adapter of the run: what it is, its scores, its files and its verdict against the base."""
+    target: dict[str, Any]
+    scores: dict[str, float]
+    files: list[Path]
+    verdict: forgetting.Verdict | None
 
 
 def run(r: Resolved) -> EvalResult:
@@ -107,7 +141,8 @@ def run(r: Resolved) -> EvalResult:
     out = repo_path(cfg.output_dir)
     if cfg.apply_chat_template:
         _check_template(r)
-    target = _target(r)
+    target = _target(r, cfg.adapter, "adapter")
+    earlier = _target(r, cfg.earlier, "earlier") if cfg.earlier else None
     with tempfile.TemporaryDirectory(prefix="zh-align-tasks-") as tmp:
         mirrors = {**cfg.mirrors, **({"zh_smoke": str(evalsets.ZH_SMOKE)} if "zh_smoke" in cfg.tasks else {})}
         for task, folder in mirrors.items():
@@ -118,39 +153,60 @@ def run(r: Resolved) -> EvalResult:
         _checked(evalsets.check_tasks, tasks, manager, mirrored)
         key = _cache_key(r, tmp)
         tags = {"eval.target": target["source"], "eval.target_run_id": target["run_id"] or ""}
+        if earlier:
+            tags |= {"eval.earlier": earlier["source"], "eval.earlier_run_id": earlier["run_id"] or ""}
         with runs.start_run(STAGE.name, r.as_dict(), hw=r.hw.name, model=r.model.name, tags=tags,
                             system_metrics=True):
-            tuned = _lm_eval(r, tasks, manager, target["folder"], target["merged"])
             tested = target["folder"] or target["merged"]
             base = _base(r, tasks, manager, key) if cfg.compare_base and tested else None
             out.mkdir(parents=True, exist_ok=True)
-            scores = R.scores(tuned)
-            rows = R.csv_rows(tuned, r, target["source"])
-            files = R.write(out, tuned, rows)
-            runs.log_metrics({f"eval/{k}": v for k, v in scores.items()})
-            if rows:
-                runs.log_table({k: [row[k] for row in rows] for k in rows[0]}, "results_table.json")
-            verdict, extra = _forgetting(out, base, tuned, cfg.gate, files) if base else (None, {})
-            runs.log_artifacts(files, "eval")
+            chain = [("earlier", earlier, out / "earlier")] if earlier else []
+            judged = [_judge(r, label, t, tasks, manager, base, folder)
+                      for label, t, folder in [*chain, ("adapter", target, out)]]
+            verdicts = [j.verdict for j in judged if j.verdict]
+            if verdicts:
+                runs.log_artifacts(_report(out, verdicts), "eval")
             if cfg.write_back:
-                _write_back(target, scores, extra, files)
-    return EvalResult(cfg.output_dir, scores, verdict)
+                for j in judged:
+                    _write_back(j)
+    main = judged[-1]
+    return EvalResult(cfg.output_dir, main.scores, main.verdict.gate if main.verdict else None,
+                      judged[0].verdict.gate if earlier and judged[0].verdict else None,
+                      forgetting.lines(verdicts) if verdicts else [])
 
 
-def _forgetting(out: Path, base: dict[str, Any], tuned: dict[str, Any], gate: GateConfig,
-                files: list[Path]) -> tuple[str, dict[str, str]]:
-    """Deltas against the base, the paired test per task group and the gate: logged, charted, written, tagged."""
-    scores, before = R.scores(tuned), R.scores(base)
-    runs.log_metrics({f"delta/{k}": v - before[k] for k, v in scores.items() if k in before})
+def _judge(r: Resolved, label: str, target: dict[str, Any], tasks: list[str], manager: Any,
+           base: dict[str, Any] | None, out: Path) -> _Judged:
+    """lm-eval on one adapter; its scores, CSV and samples written and logged (the earlier adapter's under the
+    prefix ``earlier/``), then its deltas against the base, the paired test per task group and its gate."""
+    prefix = "" if label == "adapter" else f"{label}/"
+    tuned = _lm_eval(r, tasks, manager, target["folder"], target["merged"])
+    out.mkdir(parents=True, exist_ok=True)
+    scores, rows = R.scores(tuned), R.csv_rows(tuned, r, target["source"])
+    files = R.write(out, tuned, rows)
+    runs.log_metrics({f"{prefix}eval/{k}": v for k, v in scores.items()})
+    if rows:
+        runs.log_table({k: [row[k] for row in rows] for k in rows[0]},
+                       f"{label}_results_table.json" if prefix else "results_table.json")
+    runs.log_artifacts(files, f"eval/{label}" if prefix else "eval")
+    if base is None:
+        return _Judged(target, scores, files, None)
+    before = R.scores(base)
+    runs.log_metrics({f"{prefix}delta/{k}": v - before[k] for k, v in scores.items() if k in before})
     pairs = [forgetting.paired(g, R.items(base, subs), R.items(tuned, subs)) for g, subs in R.groups(tuned).items()]
-    verdict, rule, failed = forgetting.gate(pairs, gate.max_drop, gate.alpha)
-    report = {"gate": verdict, "rule": rule, "failed": failed, "groups": [p.__dict__ | {"delta": p.delta} for p in pairs]}
-    (out / "forgetting.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    files += [R.chart(out, pairs), out / "forgetting.json"]
-    tags = {"eval.gate": verdict, "eval.gate_rule": rule, "eval.gate_failed": ",".join(failed) or "none",
-            "eval.max_drop": f"{max((-p.delta for p in pairs), default=0.0) + 0.0:.4f}"}
-    runs.set_tags(tags)
-    return verdict, tags
+    verdict = forgetting.judge(label, target["source"], pairs, r.cfg.gate)
+    runs.set_tags({f"{prefix.replace('/', '.')}{k}": v for k, v in verdict.tags().items()})
+    return _Judged(target, scores, files, verdict)
+
+
+def _report(out: Path, verdicts: list[forgetting.Verdict]) -> list[Path]:
+    """The forgetting report of the chain (base → earlier → adapter): JSON, CSV and chart, and in the log."""
+    (out / "forgetting.json").write_text(json.dumps(forgetting.report(verdicts), ensure_ascii=False, indent=2),
+                                         encoding="utf-8")
+    for line in forgetting.lines(verdicts):
+        log.info("forgetting: %s", line)
+    return [out / "forgetting.json", R.write_csv(out / "forgetting.csv", forgetting.rows(verdicts)),
+            R.chart(out, verdicts)]
 
 
 def _checked(fn: Any, *args: Any) -> None:
@@ -173,16 +229,16 @@ def _task_manager(include: str) -> Any:
     return TaskManager(include_path=include)
 
 
-def _target(r: Resolved) -> dict[str, Any]:
-    """What is under test: {folder (adapter) or None (the base alone), source, run_id, version, name}."""
-    ref = r.cfg.adapter
+def _target(r: Resolved, ref: str | None, key: str) -> dict[str, Any]:
+    """What is under test (``key``: the config key naming it): {folder (adapter) or None (the base alone), source,
+    run_id, version, name}."""
     none = {"folder": None, "merged": None, "run_id": None, "version": None, "name": None}
     if not ref:
         return {**none, "source": "base"}
     folder = repo_path(ref)
     if (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         return {**none, "merged": folder, "source": str(folder)}  # a merged model: evaluated as it is
-    found = lineage.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name, key="adapter")
+    found = lineage.find_adapter(ref, stage="sft", model=r.model.name, hw=r.hw.name, key=key)
     source = found["source"]
     name = source.removeprefix("models:/").split("/")[0] if source.startswith("models:/") else None
     return {**found, "merged": None, "name": name}
@@ -241,19 +297,22 @@ def _base(r: Resolved, tasks: list[str], manager: Any, key: str) -> dict[str, An
     return base
 
 
-def _write_back(target: dict[str, Any], scores: dict[str, float], tags: dict[str, str], files: list[Path]) -> None:
-    """The scores onto the training run the adapter came from, and the gate onto its registered version."""
+def _write_back(judged: _Judged) -> None:
+    """An adapter's scores, CSV and gate tags onto the training run it came from, and onto its registered version."""
+    target, tags = judged.target, judged.verdict.tags() if judged.verdict else {}
     if target["run_id"]:
-        runs.log_to_run(target["run_id"], {f"eval/{k}": v for k, v in scores.items()}, tags,
-                        [f for f in files if f.suffix == ".csv"], "eval")
+        runs.log_to_run(target["run_id"], {f"eval/{k}": v for k, v in judged.scores.items()}, tags,
+                        [f for f in judged.files if f.suffix == ".csv"], "eval")
     if target.get("name") and target.get("version"):
-        version_tags = {f"eval.{k.replace('/', '.')}": f"{v:.4f}" for k, v in scores.items()}
+        version_tags = {f"eval.{k.replace('/', '.')}": f"{v:.4f}" for k, v in judged.scores.items()}
         model_registry.set_model_version_tags(target["name"], target["version"], {**version_tags, **tags})
 
 
-STAGE = Stage("evaluate", EvaluateConfig, plan, run, __doc__.split("\n\n")[0], links={"adapter": "align"},
-              key_metrics=("eval/", "delta/"), pinned={"adapter": "eval.target"}, checks={"scores": fingerprints.scores},
-              rerun_sets={"write_back": (False, "off: the training run and its registered version keep their scores")})
+STAGE = Stage("evaluate", EvaluateConfig, plan, run, __doc__.split("\n\n")[0],
+              links={"adapter": "align", "earlier": "sft"}, key_metrics=("eval/", "delta/", "earlier/"),
+              pinned={"adapter": "eval.target", "earlier": "eval.earlier"}, checks={"scores": fingerprints.scores},
+              rerun_sets={"write_back": (False, "off: the training runs and their registered versions keep their "
+                                                 "scores")})
 
 
 def main(argv: list[str] | None = None) -> int:

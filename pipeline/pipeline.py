@@ -4,7 +4,8 @@
 [--dry-run true|false]``
 Each stage is its own ``mlflow run`` entry point, started as a child of this run, and takes the previous stages'
 outputs by run id: sft and align read the pool of the prepare child (``data.run_id``), align starts from the sft
-child's adapter (``start_from``), evaluate and export take the align child's adapter (``adapter``). Overrides are
+child's adapter (``start_from``), evaluate and export take the align child's adapter (``adapter``); evaluate also
+judges the sft child's adapter (``earlier``), so both registered adapters carry their gate. Overrides are
 routed as in ``make plan``: ``model=…`` or ``hw.micro_batch=1`` reach every stage that has the key, ``sft.lora.r=8``
 only sft. Every stage's config is checked before the first child starts. A dry run (the default) prints the whole
 chain's plan. The parent run carries the children's run ids (tags ``child.<stage>``), their key metrics
@@ -189,15 +190,21 @@ def describe(result: PipelineResult) -> str:
     s = result.summary
     lines = [f"pipeline run {result.run_id} ({s.get('experiment', '?')}, {s.get('tracking_uri', '?')})"]
     for stage, child in s.get("children", {}).items():
-        made = ", ".join(child["registered"]) or "-"
+        gates = child.get("gates", {})
+        made = ", ".join(f"{m} (gate {gates.get(m.split('@')[0], '?')})" for m in child["registered"]) or "-"
         again = "  (reused from the resumed run)" if stage in s.get("reused", []) else ""
         lines.append(f"  {stage:<9} {child['run_id']}  {child['status']:<8}  {child['seconds']:>6.1f} s  registered: "
                      f"{made}{again}")
     if s.get("eval"):
         lines.append("  eval (tuned, Δ vs base): " + ", ".join(f"{k} {v['tuned']:.3f} ({v['delta']:+.3f})"
                                                            for k, v in s["eval"].items()))
+    earlier = s.get("earlier") or {}
+    if earlier.get("eval"):
+        lines.append(f"  eval of the earlier adapter {earlier['source']} (Δ vs base): " + ", ".join(
+            f"{k} {v['tuned']:.3f} ({v['delta']:+.3f})" for k, v in earlier["eval"].items()))
     if s.get("gate"):
-        lines.append(f"  forgetting gate: {s['gate']}")
+        lines.append(f"  forgetting gate: {s['gate']}" + (f"; earlier adapter {earlier['source']}: "
+                                                          f"{earlier.get('gate') or 'n/a'}" if earlier else ""))
     merged = next((m.split("@")[0] for m in s.get("children", {}).get("export", {}).get("registered", [])), None)
     view = f"#/experiments/{s['experiment_id']}/runs?workflowType=machine_learning" if s.get("experiment_id") else ""
     lines += ["next", f"  make ui   then open http://127.0.0.1:5000/{view} : this run expands to its "
@@ -208,8 +215,8 @@ def describe(result: PipelineResult) -> str:
         hw = f" HW={s['hw']}" if s.get("hw") else ""
         lines += [f"  make pull MODEL={name}@candidate DEST=outputs/pulled VERIFY=1{hw}   → a folder transformers "
                   f"loads, its logits checked against export's",
-                  f"  make promote MODEL={name} VERSION={version}   → moves @champion there (refused if the gate "
-                  f"failed)"]
+                  f"  make promote MODEL={name} VERSION={version}   → moves @champion there (refused if its gate "
+                  f"failed or it was never evaluated)"]
     return "\n".join(lines)
 
 

@@ -135,3 +135,13 @@ def test_the_dry_run_shows_tasks_model_adapter_and_mirrors(capsys):
     page = capsys.readouterr().out
     assert "cmmlu, ceval-valid, hellaswag, winogrande" in page and "zh-align-sft@candidate" in page
     assert "mirror of cmmlu: /data/cmmlu" in page
+
+
+def test_the_dry_run_shows_the_earlier_adapter_gated_too_and_earlier_needs_an_adapter(capsys):
+    assert evaluate.main(["--hw", "4090", "--set", "earlier=zh-align-sft/1", "--set", "adapter=zh-align-orpo/1"]) == 0
+    page = capsys.readouterr().out
+    assert "earlier adapter (evaluated and gated too): zh-align-sft/1" in page
+    assert "base → earlier → tuned" in page and "for each of the two adapters" in page
+    assert "3 model(s)" in page  # the estimate counts the earlier adapter's pass
+    assert evaluate.main(["--hw", "cpu", "--set", "earlier=zh-align-sft/1", "--set", "adapter=null"]) == 2
+    assert "`earlier` is 'zh-align-sft/1' but `adapter` is null" in capsys.readouterr().err

@@ -60,6 +60,32 @@ def test_five_finished_children_of_one_parent_linked_by_run_id(chained):
     assert merged.tags["data.run_id"] == ids["prepare"] and merged.tags["eval.gate"] == orpo.tags["eval.gate"]
 
 
+def test_evaluate_gates_the_sft_adapter_too_and_reports_base_sft_aligned(chained):
+    """evaluate judges the sft child's adapter beside the align child's: scores and CSV on the sft training run, a gate
+    on its registered version, and a forgetting report that reads base → sft → aligned per task group."""
+    client, ids = chained["client"], chained["result"].children
+    evaluation = client.get_run(ids["evaluate"])
+    assert evaluation.data.tags["eval.earlier_run_id"] == ids["sft"]
+    assert evaluation.data.tags["earlier.eval.gate"] in ("pass", "fail")
+    assert {"earlier/eval/zh_smoke/acc", "earlier/delta/zh_smoke/acc", "eval/zh_smoke/acc"} <= set(evaluation.data.metrics)
+    sft_run = client.get_run(ids["sft"])
+    assert sft_run.data.metrics["eval/zh_smoke/acc"] == evaluation.data.metrics["earlier/eval/zh_smoke/acc"]
+    assert "eval/results.csv" in {a.path for a in client.list_artifacts(ids["sft"], "eval")}
+    assert sft_run.data.tags["eval.gate"] == evaluation.data.tags["earlier.eval.gate"]
+    (sft_version,) = client.search_model_versions(f"run_id = '{ids['sft']}'")
+    assert sft_version.tags["eval.gate"] == evaluation.data.tags["earlier.eval.gate"]
+    assert "eval.zh_smoke.acc" in sft_version.tags
+    report = json.loads(mlflow.artifacts.load_text(f"runs:/{ids['evaluate']}/eval/forgetting.json"))
+    assert [(g["model"], g["source"]) for g in report["gates"]] == [
+        ("earlier", f"models:/zh-align-sft/{sft_version.version}"), ("adapter", evaluation.data.tags["eval.target"])]
+    (group,) = report["chain"]
+    assert group["group"] == "zh_smoke" and [m["model"] for m in group["models"]] == ["earlier", "adapter"]
+    assert group["models"][0]["acc"] == pytest.approx(evaluation.data.metrics["earlier/eval/zh_smoke/acc"])
+    assert group["models"][1]["delta"] == pytest.approx(evaluation.data.metrics["delta/zh_smoke/acc"])
+    rows = mlflow.artifacts.load_text(f"runs:/{ids['evaluate']}/eval/forgetting.csv").splitlines()
+    assert [row.split(",")[1] for row in rows[1:]] == ["base", "earlier", "adapter"]
+
+
 def test_the_parent_carries_the_children_metrics_and_a_summary(chained):
     client, result = chained["client"], chained["result"]
     metrics = client.get_run(result.run_id).data.metrics
@@ -70,8 +96,14 @@ def test_the_parent_carries_the_children_metrics_and_a_summary(chained):
     assert [c["status"] for c in summary["children"].values()] == ["FINISHED"] * 5
     assert summary["children"]["export"]["registered"][0].startswith("zh-align-merged/")
     assert set(summary["eval"]) == {"zh_smoke/acc", "zh_smoke/acc_norm"}
+    assert set(summary["earlier"]["eval"]) == {"zh_smoke/acc", "zh_smoke/acc_norm"}
+    assert "evaluate/earlier/eval/zh_smoke/acc" in metrics
     text = chain_stage.describe(result)
     assert "make pull MODEL=zh-align-merged@candidate" in text and "forgetting gate" in text
+    gates = {s: next(iter(summary["children"][s]["gates"].values())) for s in ("sft", "align", "export")}
+    assert set(gates.values()) <= {"pass", "fail"}  # both adapters gated; the merged model carries align's gate
+    assert re.search(rf"zh-align-sft/\d+@candidate \(gate {gates['sft']}\)", text)
+    assert "earlier adapter models:/zh-align-sft/" in text
 
 
 def test_compare_tables_the_real_pipeline_run_with_its_own_metrics(chained, capsys):
@@ -134,8 +166,9 @@ def test_rerun_of_the_evaluate_child_gives_the_same_scores_and_leaves_the_traini
     assert rerun.main(["--run-id", children["evaluate"], "--out", str(chained["tmp"] / "rerun")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^  scores\s+identical$", out, re.M) and "write_back off" in out
-    assert "adapter pinned to zh-align-orpo/" in out
+    assert "adapter pinned to zh-align-orpo/" in out and "earlier pinned to zh-align-sft/" in out
     assert len(client.get_metric_history(children["align"], "eval/zh_smoke/acc")) == len(history) == 1
+    assert len(client.get_metric_history(children["sft"], "eval/zh_smoke/acc")) == 1
 
 
 def test_rerun_of_the_pipeline_runs_the_chain_again_and_every_stage_comes_out_identical(chained, capsys):
@@ -182,6 +215,7 @@ def test_dry_run_prints_every_stage_with_the_links_and_a_bad_key_stops_it(capsys
     page = capsys.readouterr().out
     assert [line.split()[1] for line in page.splitlines() if line.startswith("━━")] == ["pipeline", *STAGES]
     assert "align ← data.run_id=prepare, start_from=sft" in page and "LOSS=dpo" in page
+    assert "evaluate ← adapter=align, earlier=sft" in page and "base → earlier → tuned" in page
     assert "start_from: <run id of the sft child>" in page
     assert chain_stage.main(["--hw", "cpu", "--set", "sft.lora.rr=8"]) == 2
     assert "`lora.rr`" in capsys.readouterr().err

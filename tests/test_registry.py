@@ -129,3 +129,30 @@ def test_the_recorded_base_is_a_hub_id_or_a_folder_name():
     assert model_registry.portable_base_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
     assert model_registry.portable_base_name("/data/models/tiny-qwen2-abc") == "tiny-qwen2-abc"
     assert all("+" not in req and "==" in req for req in model_registry.adapter_requirements())
+
+
+def test_promote_refuses_a_version_never_evaluated_unless_forced(mlflow_store, adapter, capsys):
+    """No eval.gate tag: refused (exit 1) naming how to evaluate it and FORCE=1; forced, it moves and is tagged; a
+    merged version is pointed at the adapter it was merged from; a passed gate needs no force."""
+    from pipeline import registry
+
+    model, base_dir, adapter_dir, _ = adapter
+    version = str(_register(adapter_dir, base_dir, model, hw="cpu")["version"])
+    args = ["promote", "--model", NAME, "--version", version, "--alias", "champion"]
+    client = MlflowClient()
+    assert registry.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{NAME}/{version} was not evaluated (it has no eval.gate tag)" in err
+    assert f'make eval HW=cpu DRY_RUN=0 SET="adapter={NAME}/{version}"' in err and "FORCE=1" in err
+    assert "champion" not in client.get_registered_model(NAME).aliases
+    client.set_model_version_tag(NAME, version, "adapter", "models:/zh-align-sft/7")  # as export tags a merged model
+    assert registry.main(args) == 1
+    err = capsys.readouterr().err
+    assert "merged from zh-align-sft/7" in err and 'make export HW=cpu DRY_RUN=0 SET="adapter=zh-align-sft/7"' in err
+    assert registry.main([*args, "--force"]) == 0
+    assert "not evaluated, forced" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == version
+    assert client.get_model_version(NAME, version).tags["promoted.champion.forced"] == "true"
+    client.set_model_version_tag(NAME, version, "eval.gate", "pass")
+    assert registry.main([*args[:-1], "release"]) == 0
+    assert "promoted.release.forced" not in client.get_model_version(NAME, version).tags

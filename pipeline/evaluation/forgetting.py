@@ -65,3 +65,60 @@ def gate(results: list[Paired], max_drop: float, alpha: float) -> tuple[str, str
     rule = f"fail if a task group's accuracy drops by more than {max_drop} with exact McNemar p < {alpha}"
     failed = [p.group for p in results if p.delta < -max_drop and p.p_value < alpha]
     return ("fail" if failed else "pass"), rule, failed
+
+
+@dataclass
+class Verdict:
+    """One adapter judged against the base: the paired test per task group and the gate."""
+    label: str              # "adapter" (the model under test) or "earlier" (an earlier adapter of the same line)
+    source: str             # models:/NAME/VERSION, a folder
+    pairs: list[Paired]
+    gate: str               # pass | fail
+    rule: str
+    failed: list[str]
+
+    def tags(self) -> dict[str, str]:
+        """The eval.* tags a run and a registered version carry for this verdict."""
+        return {"eval.gate": self.gate, "eval.gate_rule": self.rule, "eval.gate_failed": ",".join(self.failed) or "none",
+                "eval.max_drop": f"{max((-p.delta for p in self.pairs), default=0.0) + 0.0:.4f}"}
+
+
+def judge(label: str, source: str, pairs: list[Paired], cfg: GateConfig) -> Verdict:
+    return Verdict(label, source, pairs, *gate(pairs, cfg.max_drop, cfg.alpha))
+
+
+def report(chain: list[Verdict]) -> dict[str, Any]:
+    """forgetting.json: the last model of the chain (the one under test) at the top level as before, every model's
+    gate under ``gates`` and each task group as base → each model under ``chain``."""
+    last = chain[-1]
+    groups = [p.group for p in last.pairs]
+    by_group = [{p.group: p for p in v.pairs} for v in chain]
+    steps = [{"group": g, "n": by_group[-1][g].n, "base": by_group[-1][g].base_acc,
+              "models": [{"model": v.label, "source": v.source, "acc": ps[g].tuned_acc, "delta": ps[g].delta,
+                          "p_value": ps[g].p_value, "lost": ps[g].lost, "gained": ps[g].gained}
+                         for v, ps in zip(chain, by_group, strict=True) if g in ps]} for g in groups]
+    return {"gate": last.gate, "rule": last.rule, "failed": last.failed,
+            "groups": [p.__dict__ | {"delta": p.delta} for p in last.pairs],
+            "gates": [{"model": v.label, "source": v.source, "gate": v.gate, "failed": v.failed} for v in chain],
+            "chain": steps}
+
+
+def rows(chain: list[Verdict]) -> list[dict[str, Any]]:
+    """forgetting.csv: one row per task group and model (the base first), accuracy and the delta against the base."""
+    out, gates = [], {v.label: v for v in chain}
+    for step in report(chain)["chain"]:
+        out.append({"group": step["group"], "model": "base", "source": "base", "n": step["n"], "acc": step["base"],
+                    "delta": 0.0, "p_value": "", "gate": ""})
+        out += [{"group": step["group"], "model": m["model"], "source": m["source"], "n": step["n"], "acc": m["acc"],
+                 "delta": m["delta"], "p_value": m["p_value"],
+                 "gate": "fail" if step["group"] in gates[m["model"]].failed else "pass"} for m in step["models"]]
+    return out
+
+
+def lines(chain: list[Verdict]) -> list[str]:
+    """The chain for people: per task group base → each model (Δ vs base, p), then each model's gate."""
+    text = [f"{s['group']} (n={s['n']}): base {s['base']:.3f} → " + " → ".join(
+        f"{m['model']} {m['acc']:.3f} ({m['delta']:+.3f}, p={m['p_value']:.2g})" for m in s["models"])
+        for s in report(chain)["chain"]]
+    return text + [f"gate {v.label} {v.source}: {v.gate}" + (f" ({', '.join(v.failed)})" if v.failed else "")
+                   for v in chain]

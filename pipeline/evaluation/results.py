@@ -1,6 +1,6 @@
 """lm-eval's results as this project reports them: scores by ``<task>/<metric>``, CSV rows, the JSON-safe results and
 per-item samples written to the output folder, task groups with their leaf tasks, per-item correctness for the
-forgetting gate, and the base-vs-tuned chart."""
+forgetting gate, and the chart of the base and each judged model."""
 
 from __future__ import annotations
 
@@ -61,12 +61,17 @@ def write(out: Path, results: dict[str, Any], rows: list[dict[str, Any]]) -> lis
         for task, items in samples.items():
             for item in items:
                 f.write(json.dumps({"task": task, **item}, ensure_ascii=False, default=str) + "\n")
-    with open(out / "results.csv", "w", encoding="utf-8", newline="") as f:
+    write_csv(out / "results.csv", rows)
+    return [out / "results.json", out / "results.csv", out / "samples.jsonl"]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         if rows:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return [out / "results.json", out / "results.csv", out / "samples.jsonl"]
+    return path
 
 
 def groups(results: dict[str, Any]) -> dict[str, list[str]]:
@@ -90,20 +95,26 @@ def items(results: dict[str, Any], tasks: list[str]) -> dict[Any, float]:
     return out
 
 
-def chart(out: Path, pairs: list[Any]) -> Path:
+def chart(out: Path, chain: list[Any]) -> Path:
+    """Accuracy per task group: the base, then each judged model of the chain (``forgetting.Verdict``) in order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(pairs)), 3.5))
-    xs = range(len(pairs))
-    ax.bar([x - 0.2 for x in xs], [p.base_acc for p in pairs], width=0.4, label="base")
-    ax.bar([x + 0.2 for x in xs], [p.tuned_acc for p in pairs], width=0.4, label="tuned")
-    ax.set_xticks(list(xs), [f"{p.group}\np={p.p_value:.2g}" for p in pairs], fontsize=8)
+    groups = [p.group for p in chain[-1].pairs]
+    series = [("base", {p.group: p.base_acc for p in chain[-1].pairs})]
+    series += [(v.label, {p.group: p.tuned_acc for p in v.pairs}) for v in chain]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(series) * len(groups)), 3.5))
+    for i, (label, acc) in enumerate(series):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(groups))],
+               [acc.get(g, 0.0) for g in groups], width=width, label=label)
+    p_values = {p.group: p.p_value for p in chain[-1].pairs}
+    ax.set_xticks(list(range(len(groups))), [f"{g}\np={p_values[g]:.2g}" for g in groups], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title("base vs tuned per task group")
+    ax.set_title(" → ".join(label for label, _ in series) + " per task group")
     ax.legend()
     fig.tight_layout()
     path = out / "base_vs_tuned.png"

@@ -199,8 +199,9 @@ def _time_line(est: Estimate, hw: HardwareProfile, model: ModelDef, step: Step, 
 
 
 def evaluation(hw: HardwareProfile, model: ModelDef, tasks: list[str], *, limit: int | None,
-               compare_base: bool) -> Estimate:
-    """lm-eval: the weights in bf16 (a QLoRA adapter is judged on the bf16 base) and one batch; hours per model."""
+               compare_base: bool, earlier: bool = False) -> Estimate:
+    """lm-eval: the weights in bf16 (a QLoRA adapter is judged on the bf16 base) and one batch; hours per model (the
+    adapter, the base with ``compare_base``, an earlier adapter with ``earlier``)."""
     s = shape(model)
     precision = "bf16" if hw.qlora else hw.precision
     mem = M.inference(s, precision, hw.max_length)
@@ -211,7 +212,7 @@ def evaluation(hw: HardwareProfile, model: ModelDef, tasks: list[str], *, limit:
                                f" (batch_size auto fills the rest)")], fits, mem.peak)
     known = [t for t in tasks if t in EVAL_TASKS]
     passes = sum(min(EVAL_TASKS[t][0], limit or EVAL_TASKS[t][0]) * EVAL_TASKS[t][1] * EVAL_TASKS[t][2] for t in known)
-    models = 2 if compare_base else 1
+    models = 1 + compare_base + earlier
     if hw.peak_tflops and known:
         est.seconds = models * passes * 2 * s.matmul_params / (EVAL_MFU * hw.peak_tflops * 1e12)
         est.lines.append(("time", f"{_hours(est.seconds)} for {models} model(s) × {passes / 1e6:.1f} M scored tokens "

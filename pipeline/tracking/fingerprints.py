@@ -27,8 +27,8 @@ def final_loss(run: Any) -> float | None:
 
 
 def scores(run: Any) -> dict[str, float]:
-    """Every ``eval/…`` and ``delta/…`` metric."""
-    return {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("eval/", "delta/"))}
+    """Every ``eval/…`` and ``delta/…`` metric, the earlier adapter's (``earlier/…``) too."""
+    return {k: v for k, v in sorted(run.data.metrics.items()) if k.startswith(("eval/", "delta/", "earlier/"))}
 
 
 def weights(run: Any) -> list[dict[str, str]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.core.errors import StageError
 from pipeline.tracking import liveness
-from pipeline.tracking.model_registry import registered_models
+from pipeline.tracking.model_registry import registered_models, version_gates
 from pipeline.tracking.runs import experiment_name, get_run, tracking_uri
 
 
@@ -141,26 +141,35 @@ def pipeline_children(run_id: str) -> dict[str, dict[str, Any]]:
 
 
 def chain_summary(ids: Mapping[str, str]) -> dict[str, Any]:
-    """What each child run made: status, seconds, registered versions with their aliases; the scores of the child
-    that evaluated (``eval/…`` with their ``delta/…`` against the base) and its forgetting gate."""
+    """What each child run made: status, seconds, registered versions with their aliases and their ``eval.gate``;
+    the scores of the child that evaluated (``eval/…`` with their ``delta/…`` against the base) and its forgetting
+    gate, and those of the earlier adapter it judged beside (``earlier/eval/…``, tag ``earlier.eval.gate``)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
-    children, evaluation, gate, run = {}, {}, None, None
+    children, evaluation, gate, earlier, run = {}, {}, None, {}, None
     for stage, run_id in ids.items():
         run = client.get_run(run_id)
         end = run.info.end_time or run.info.start_time
         children[stage] = {"run_id": run_id, "status": run.info.status, "seconds": (end - run.info.start_time) / 1000,
-                           "registered": registered_models(run_id)}
-        m = run.data.metrics
-        scored = {k.removeprefix("eval/"): {"tuned": v, "delta": m.get("delta/" + k.removeprefix("eval/"))}
-                  for k, v in sorted(m.items()) if k.startswith("eval/") and "delta/" + k[5:] in m}
+                           "registered": registered_models(run_id), "gates": version_gates(run_id)}
+        scored = _scored(run.data.metrics)
         if scored and "eval.gate" in run.data.tags:
             evaluation, gate = scored, run.data.tags["eval.gate"]
+            tags = run.data.tags
+            earlier = {"source": tags.get("eval.earlier", ""), "gate": tags.get("earlier.eval.gate"),
+                       "eval": _scored(run.data.metrics, "earlier/")} if "eval.earlier" in tags else {}
     experiment = client.get_experiment(run.info.experiment_id) if run else None
     return {"tracking_uri": tracking_uri(), "experiment": experiment.name if experiment else experiment_name(),
             "experiment_id": experiment.experiment_id if experiment else None, "children": children,
-            "eval": evaluation, "gate": gate}
+            "eval": evaluation, "gate": gate, "earlier": earlier}
+
+
+def _scored(m: Mapping[str, float], prefix: str = "") -> dict[str, dict[str, float | None]]:
+    """``<prefix>eval/<task>/<metric>`` with its ``<prefix>delta/…`` → {task/metric: {tuned, delta}}."""
+    head = f"{prefix}eval/"
+    return {k.removeprefix(head): {"tuned": v, "delta": m.get(f"{prefix}delta/" + k.removeprefix(head))}
+            for k, v in sorted(m.items()) if k.startswith(head) and f"{prefix}delta/" + k.removeprefix(head) in m}
 
 
 def latest_runs(stage: str, n: int) -> list[str]:

@@ -171,7 +171,8 @@ def registered_version(client: Any, ref: str) -> Any:
 
 
 def promote(name: str, version: str, alias: str, force: bool = False) -> str:
-    """Move `alias` to a version; refused when the version's `eval.gate` is fail, unless `force`."""
+    """Move `alias` to a version; refused when the version's `eval.gate` is fail or missing (never evaluated), unless
+    `force` (then the version is tagged ``promoted.<alias>.forced``)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -181,10 +182,28 @@ def promote(name: str, version: str, alias: str, force: bool = False) -> str:
     if gate == "fail" and not force:
         raise StageError(f"{name}/{version} failed its evaluation gate ({mv.tags.get('eval.gate_failed', '?')}: "
                          f"{mv.tags.get('eval.gate_rule', '')}); pass FORCE=1 to promote it anyway")
+    if gate is None and not force:
+        raise StageError(ungated(name, str(mv.version), mv.tags))
     client.set_registered_model_alias(name, alias, mv.version)
-    if gate == "fail":
+    if gate != "pass":
         client.set_model_version_tag(name, mv.version, f"promoted.{alias}.forced", "true")
-    return f"models:/{name}@{alias} → version {mv.version} (eval.gate {gate or 'not evaluated'})"
+    return f"models:/{name}@{alias} → version {mv.version} (eval.gate {gate or 'not evaluated'}" \
+           f"{', forced' if gate != 'pass' else ''})"
+
+
+def ungated(name: str, version: str, tags: Mapping[str, str]) -> str:
+    """Why a version without ``eval.gate`` is not promoted, and how to evaluate it: an adapter directly; a merged
+    model through the adapter it was merged from (export copies that adapter's gate)."""
+    hw = f"HW={tags.get('hw') or '…'}"
+    adapter = tags.get("adapter", "").removeprefix("models:/")
+    if adapter:
+        how = (f"it was merged from {adapter}, which had no gate at export: evaluate that adapter (`make eval {hw} "
+               f"DRY_RUN=0 SET=\"adapter={adapter}\"`), then export it again (`make export {hw} DRY_RUN=0 "
+               f"SET=\"adapter={adapter}\"`) and promote the new version")
+    else:
+        how = f"evaluate it first: `make eval {hw} DRY_RUN=0 SET=\"adapter={name}/{version}\"` tags its gate"
+    return (f"{name}/{version} was not evaluated (it has no eval.gate tag); {how}; or pass FORCE=1 to promote it "
+            f"anyway")
 
 
 def pull(ref: str, dest: Path, overwrite: bool = False, *, base: str = "",
@@ -265,3 +284,12 @@ def registered_models(run_id: str) -> list[str]:
         out.append(f"{mv.name}/{mv.version}" + "".join(f"@{a}" for a, v in sorted(aliases.items())
                                                        if str(v) == str(mv.version)))
     return out
+
+
+def version_gates(run_id: str) -> dict[str, str]:
+    """`name/version` → its ``eval.gate`` (pass, fail or "not evaluated") for every version a run registered."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    return {f"{mv.name}/{mv.version}": mv.tags.get("eval.gate", "not evaluated")
+            for mv in client.search_model_versions(f"run_id = '{run_id}'")}
