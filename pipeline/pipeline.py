@@ -216,7 +216,10 @@ def describe(result: PipelineResult) -> str:
         lines += [f"  make pull MODEL={name}@candidate DEST=outputs/pulled VERIFY=1{hw}   → a folder transformers "
                   f"loads, its logits checked against export's",
                   f"  make promote MODEL={name} VERSION={version}   → moves @champion there (refused if its gate "
-                  f"failed or it was never evaluated)"]
+                  f"failed or it was never evaluated)",
+                  f"  make chat MODEL={name}@candidate   → talk to it in the terminal (PROMPT=\"…\" answers once); "
+                  f"make serve MODEL={name}@candidate PORT=5001 serves it over HTTP",
+                  "  make compare   → this run beside the last pipeline runs: scores, deltas, loss, tokens/s, wall time"]
     return "\n".join(lines)
 
 
