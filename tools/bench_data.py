@@ -4,9 +4,9 @@ filter → ``first_seen`` → ``bucket_of``, beside the same functions over a li
 kept row through ``pool.count`` with Qwen2.5's real tokenizer (built offline) and system prompt, beside one bare
 ``encode_batch`` of the same rendered texts (same lengths required). End to end: ``prepare.run`` on the rows as
 COIG-PC-core (90 %) and UltraFeedback (10 %) files in their hub layouts, with its CPU seconds (``--e2e-only``: that
-alone). Memory: psutil every 100 ms; all processes as PSS (shared pages split) and RSS summed (a forked worker counts
-shared pages again). A missed target prints FAIL, exit code 0. ``--out``: JSON with the machine, versions, command,
-date, load averages (a shared machine: compare within one run).
+alone). Memory: psutil every 100 ms or less often (the sampler keeps to 5 % of one core); all processes as PSS (shared
+pages split) and RSS summed (a forked worker counts shared pages again). A missed target prints FAIL, exit code 0.
+``--out``: JSON with the machine, versions, command, date, load averages (a shared machine: compare within one run).
 """
 
 from __future__ import annotations
