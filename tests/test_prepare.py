@@ -554,6 +554,34 @@ def test_lengths_pickles_without_the_tokenizer_and_renders_other_turns_with_the_
                                                                tokenize=False)
 
 
+
+def test_text_not_in_nfc_is_counted_with_the_normalizer_and_the_tokenizer_is_left_as_it_was(tokenizers):
+    import unicodedata
+
+    from tokenizers.normalizers import NFC
+
+    from pipeline.data.clean import Lengths
+
+    tok = tokenizers["qwen2.5"]
+    lengths = Lengths(tok, "系统")
+    assert lengths.nfc
+    odd = "cafe\u0301 \uf900\uf9e2 A\u030a"  # decomposed é, compatibility ideographs, decomposed Å: NFC changes them
+    assert not unicodedata.is_normalized("NFC", odd)
+    convs = [[{"role": "user", "content": "你好"}, {"role": "assistant", "content": odd}],
+             [{"role": "user", "content": "café 豈"}, {"role": "assistant", "content": "好的"}],
+             [{"role": "user", "content": odd}, {"role": "assistant", "content": "嗯"}]]
+    ref = [len(tok.apply_chat_template([{"role": "system", "content": "系统"}, *c], tokenize=True)["input_ids"])
+           for c in convs]
+    assert lengths(convs) == ref
+    backend = tok.backend_tokenizer
+    assert isinstance(backend.normalizer, NFC)  # switched back on after the call
+    normalizer, backend.normalizer = backend.normalizer, None
+    try:
+        as_is = len(backend.encode(odd, add_special_tokens=False))
+    finally:
+        backend.normalizer = normalizer
+    assert as_is != len(backend.encode(odd, add_special_tokens=False))  # so the count above had to use NFC
+
 def _map_output(tmp_path, bars_off: bool) -> str:
     """A 40-batch map run with stdout and stderr going to a file, as a log would get it."""
     import subprocess

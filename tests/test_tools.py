@@ -44,3 +44,15 @@ def test_bench_data_cleans_like_the_naive_loop_and_counts_tokens_like_encode_bat
     assert "tools/bench_data.py --rows 2000" in machine["command"] and machine["date"].startswith("20")
     lines = done.stdout.splitlines() + done.stderr.splitlines()
     assert any("PASS" in x or "FAIL" in x for x in lines) and len(lines) < 80  # no progress-bar lines in the log
+
+
+def test_the_memory_sampler_keeps_to_its_share_of_a_core(monkeypatch):
+    import time
+
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import bench_data
+
+    with bench_data.peak_memory(every=0.0, share=0.05) as peak:  # every=0: without the share it would spin
+        time.sleep(1.0)
+    assert peak["main"] > 0 and peak["all_pss"] > 0
+    assert peak["sampler_cpu_s"] <= 0.05 * 1.0 + 0.05  # its share of the second, and one sample over

@@ -4,9 +4,9 @@ filter → ``first_seen`` → ``bucket_of``, beside the same functions over a li
 kept row through ``pool.count`` with Qwen2.5's real tokenizer (built offline) and system prompt, beside one bare
 ``encode_batch`` of the same rendered texts (same lengths required). End to end: ``prepare.run`` on the rows as
 COIG-PC-core (90 %) and UltraFeedback (10 %) files in their hub layouts, with its CPU seconds (``--e2e-only``: that
-alone). Memory: psutil every 100 ms; all processes as PSS (shared pages split) and RSS summed (a forked worker counts
-shared pages again). A missed target prints FAIL, exit code 0. ``--out``: JSON with the machine, versions, command,
-date, load averages (a shared machine: compare within one run).
+alone). Memory: psutil every 100 ms or less often (the sampler keeps to 5 % of one core); all processes as PSS (shared
+pages split) and RSS summed (a forked worker counts shared pages again). A missed target prints FAIL, exit code 0.
+``--out``: JSON with the machine, versions, command, date, load averages (a shared machine: compare within one run).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from pipeline.stage.resolve import resolve
 log = logging.getLogger("pipeline.bench")
 GiB = 1024 ** 3
 TARGET_SPEEDUP, TARGET_RSS, TARGET_RATIO, TARGET_E2E_S = 1.5, 2 * GiB, 0.8, 300.0  # E2E: seconds per 1M rows
+SAMPLER_SHARE = 0.05  # the memory sampler's most CPU, as a share of one core (peak_memory)
 MODEL = "qwen2.5-7b-instruct"  # whose tokenizer (built offline), chat template and system prompt measure tokens
 BARE_CHUNK = 20_000  # rows per bare encode_batch call
 DEFAULTS = PrepareConfig(sources=[])
@@ -53,16 +54,22 @@ EDGES = list(DEFAULTS.buckets)
 
 # --- Measuring -------------------------------------------------------------------------------------------------------
 @contextmanager
-def peak_memory(every: float = 0.1) -> Iterator[dict[str, int]]:
+def peak_memory(every: float = 0.1, share: float = SAMPLER_SHARE) -> Iterator[dict[str, float]]:
     """Peak memory while the block runs, sampled with psutil: this process, the largest child, the children together,
-    and all processes together as RSS summed and as PSS."""
+    and all processes together as RSS summed and as PSS; and ``sampler_cpu_s``, what the sampling cost. A sample
+    reads each process's ``smaps_rollup`` (the kernel walks its page tables: ~10 ms per GiB resident, on this
+    process's clock), so after each sample the sampler waits ``every`` or long enough to keep its own CPU at ``share``
+    of one core, whichever is longer: the measured block keeps the cores (a sample every 0.1 s of three 1.3 GiB
+    processes took a third of one of two cores from the token pass)."""
     import psutil
 
-    peak, stop, me = dict.fromkeys(("main", "worker_max", "workers_sum", "all_rss", "all_pss"), 0), threading.Event(), \
-        psutil.Process()
+    names = ("main", "worker_max", "workers_sum", "all_rss", "all_pss")
+    peak, stop, me = dict.fromkeys(names, 0), threading.Event(), psutil.Process()
 
     def poll() -> None:
+        cpu = time.thread_time()
         while not stop.is_set():
+            began = time.thread_time()
             mine, kids = me.memory_full_info(), []
             for child in me.children(recursive=True):
                 try:
@@ -71,8 +78,9 @@ def peak_memory(every: float = 0.1) -> Iterator[dict[str, int]]:
                     pass
             rss = [k.rss for k in kids]
             now = (mine.rss, max(rss, default=0), sum(rss), mine.rss + sum(rss), mine.pss + sum(k.pss for k in kids))
-            peak.update({k: max(peak[k], v) for k, v in zip(peak, now, strict=True)})
-            stop.wait(every)
+            peak.update({k: max(peak[k], v) for k, v in zip(names, now, strict=True)})
+            stop.wait(max(every, (time.thread_time() - began) * (1 / share - 1)))
+        peak["sampler_cpu_s"] = round(time.thread_time() - cpu, 2)
 
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()

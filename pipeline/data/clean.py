@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import pickle
+import unicodedata
 import weakref
 from typing import Any
 
@@ -193,7 +194,11 @@ class Lengths:
     pair's prompt once, not for chosen and for rejected. A fast tokenizer's Rust backend counts; then only the backend,
     the template and the special tokens are kept (~160 MB for Qwen2.5 rather than ~400). A map worker forked from the
     process that made it uses that very object (pickled, it is a key and its state as bytes, unpickled only where the
-    key is unknown): no copy of the tokenizer per worker."""
+    key is unknown): no copy of the tokenizer per worker.
+
+    A backend whose normalizer is NFC alone (Qwen's) gets the texts already in NFC — nearly all — with the normalizer
+    switched off for that call (NFC would leave them as they are, and took ~8 % of the encode time); the others with it
+    on. The backend is left as it was."""
 
     def __init__(self, tokenizer: Any, system: str | None) -> None:
         self.system, self.template = system, tokenizer.chat_template
@@ -203,6 +208,7 @@ class Lengths:
         direct = backend is not None and backend.truncation is None and backend.padding is None and \
             not backend.encode_special_tokens and not getattr(tokenizer, "split_special_tokens", False)
         self.backend, self.tokenizer = (backend, None) if direct and self.opening is not None else (None, tokenizer)
+        self.nfc = self.backend is not None and _is_nfc(self.backend.normalizer)
         self.split = self.backend is not None and _splits_at(self.backend) and self._adds_up()
         self.key = f"{os.getpid()}:{id(self)}"
         _MADE[self.key] = self
@@ -233,9 +239,27 @@ class Lengths:
         return [sum(counts[p] for p in ps) for ps in pieces]
 
     def _encode(self, texts: list[str]) -> list[int]:
-        if self.backend is not None:  # (encode_batch_fast, without offsets, measured slower here)
-            return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        return [len(x) for x in self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+        if self.backend is None:
+            return [len(x) for x in self.tokenizer(texts, add_special_tokens=False,
+                                                   return_attention_mask=False)["input_ids"]]
+        if not self.nfc:
+            return self._count(texts)
+        normal = [unicodedata.is_normalized("NFC", t) for t in texts]
+        off = iter(self._count_as_is([t for t, ok in zip(texts, normal, strict=True) if ok]))
+        on = iter(self._count([t for t, ok in zip(texts, normal, strict=True) if not ok]))
+        return [next(off) if ok else next(on) for ok in normal]
+
+    def _count(self, texts: list[str]) -> list[int]:  # (encode_batch_fast, without offsets, measured slower here)
+        return [len(e) for e in self.backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+    def _count_as_is(self, texts: list[str]) -> list[int]:
+        """Texts already in NFC, counted with the backend's NFC normalizer off for the call (it would leave them as
+        they are), then on again."""
+        normalizer, self.backend.normalizer = self.backend.normalizer, None
+        try:
+            return self._count(texts)
+        finally:
+            self.backend.normalizer = normalizer
 
     def _template(self, conv: list[dict[str, Any]]) -> str:
         if self.tokenizer is not None:
@@ -263,6 +287,12 @@ def _lengths(key: str, state: bytes) -> Lengths:
         made = Lengths.__new__(Lengths)
         made.__dict__.update(pickle.loads(state))
     return made
+
+
+def _is_nfc(normalizer: Any) -> bool:
+    from tokenizers.normalizers import NFC
+
+    return isinstance(normalizer, NFC)
 
 
 def _splits_at(backend: Any) -> bool:
