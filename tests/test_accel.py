@@ -177,14 +177,16 @@ def test_accelerate_really_cannot_shard_on_cpu(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import os\nfrom accelerate import Accelerator\nfrom accelerate.state import AcceleratorState\n"
                      "Accelerator(cpu=True)\ns = AcceleratorState()\n"
-                     "print('RANK', os.environ['RANK'], s.distributed_type, getattr(s, 'fsdp_plugin', None))\n")
+                     "with open(os.path.join(os.path.dirname(__file__), 'rank' + os.environ['RANK']), 'w') as f:\n"
+                     "    print('RANK', os.environ['RANK'], s.distributed_type, getattr(s, 'fsdp_plugin', None), "
+                     "file=f, end='')\n")  # a file per rank: the ranks' stdout lines interleave
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "MLFLOW_RUN"))}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(CONFIGS / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
                            "--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false",
                            str(probe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    ranks = sorted(line for line in done.stdout.splitlines() if line.startswith("RANK"))
+    ranks = sorted(p.read_text() for p in tmp_path.glob("rank[0-9]"))
     assert ranks == ["RANK 0 DistributedType.MULTI_CPU None", "RANK 1 DistributedType.MULTI_CPU None"]
 
 
