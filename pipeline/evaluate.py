@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -161,6 +162,8 @@ def run(r: Resolved) -> EvalResult:
             base = _base(r, tasks, manager, key) if cfg.compare_base and tested else None
             out.mkdir(parents=True, exist_ok=True)
             chain = [("earlier", earlier, out / "earlier")] if earlier else []
+            if not earlier:  # a previous run's earlier adapter, not this run's: gone, so the folder says one thing
+                shutil.rmtree(out / "earlier", ignore_errors=True)
             judged = [_judge(r, label, t, tasks, manager, base, folder)
                       for label, t, folder in [*chain, ("adapter", target, out)]]
             verdicts = [j.verdict for j in judged if j.verdict]

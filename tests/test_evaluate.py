@@ -102,9 +102,14 @@ def test_scores_land_on_the_training_run_and_the_registered_version(world):
 
 
 def test_the_base_runs_once_then_comes_from_the_cache(world):
+    """… and a run without `earlier` in a folder an earlier-adapter run used leaves no stale `earlier/` behind."""
+    stale = world["tmp"] / "eval2" / "earlier"
+    stale.mkdir(parents=True)
+    (stale / "results.csv").write_text("from another run\n", encoding="utf-8")
     r = resolve("evaluate", hw="cpu", overrides=parse_overrides([f"output_dir={world['tmp'] / 'eval2'}"]))
     evaluate.run(r)
     assert len(list(Path(world["tmp"] / ".cache" / "eval-base").glob("*.json"))) == 1
+    assert not stale.exists() and (world["tmp"] / "eval2" / "results.csv").exists()
 
 
 def test_the_gate_passes_identical_models_and_fails_a_planted_drop():
