@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.strict import parse_overrides
-from pipeline.models.loading import load_for_generation, same_base
+from pipeline.models.loading import base_of, load_for_generation
 from pipeline.stage.cli import add_common, guarded, setup_logging
 from pipeline.stage.resolve import resolve
 from pipeline.tracking import model_registry
@@ -74,13 +74,18 @@ def find_model(ref: str, hw: str, overrides: list) -> dict[str, Any]:
         raise StageError(f"folder {ref} does not exist; give a folder, `name@alias`, `name/version` or a run id")
     else:
         found = model_registry.download(ref)
+    model = r.model
     if found["adapter"]:
         recorded = found["base_model"] or _recorded_base(found["folder"])
-        if recorded and not same_base(recorded, r.model):
+        model = base_of(recorded, r.model, overrides)
+        if model is None:
             raise StageError(f"{ref} is an adapter of base {recorded!r}, but the configured base is "
                              f"{r.model.hub_id or r.model.name} (model {r.model.name}, HW={r.hw.name}); pick the "
                              f"profile or model it was trained for (HW=…, SET=\"model=…\")")
-    return {**found, "system_prompt": found["system_prompt"] or r.model.system_prompt, "model": r.model}
+        if model is not r.model:
+            log.info("%s is an adapter of %s: loaded on that model definition (SET=\"model=…\" names another)",
+                     ref, model.name)
+    return {**found, "system_prompt": found["system_prompt"] or model.system_prompt, "model": model}
 
 
 def _recorded_base(folder: Path) -> str:

@@ -3,7 +3,8 @@ registered model as a plain folder (a merged model loads with transformers, an a
 
 ``python -m pipeline.registry promote --model NAME --version N [--alias champion] [--force]``
 ``python -m pipeline.registry pull --model NAME@ALIAS|NAME/VERSION --dest DIR [--overwrite] [--verify] [--hw NAME]
-[--set model=…]``: an adapter must belong to the configured base (export's model for that profile); ``--verify``
+[--set model=…]``: an adapter must belong to the model that ``--set model=…`` names, else to the profile's or to a
+model definition of this repo (its recorded base); ``--verify``
 loads a merged folder with transformers and checks its logits against those logged at export.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.strict import parse_overrides
-from pipeline.models.loading import same_base
+from pipeline.models.loading import base_of
 from pipeline.stage.cli import add_common, guarded, setup_logging
 from pipeline.stage.resolve import resolve
 from pipeline.tracking import model_registry
@@ -77,11 +78,12 @@ def pull(args: argparse.Namespace) -> None:
         raise ConfigError(["MODEL is empty; give `name@alias` or `name/version`, e.g. `make pull "
                            "MODEL=zh-align-merged@candidate DEST=outputs/pulled`"])
     check_dest(args.dest, args.overwrite)
-    r = resolve("export", hw=args.hw, overrides=parse_overrides(args.set, args.overrides))
+    overrides = parse_overrides(args.set, args.overrides)
+    r = resolve("export", hw=args.hw, overrides=overrides)
     check_store()
     base = f"{r.model.hub_id or r.model.name} (model {r.model.name}, HW={r.hw.name})"
-    dest = model_registry.pull(args.model, Path(args.dest), args.overwrite, base=base,
-                               same_base=lambda recorded: same_base(recorded, r.model))
+    dest = model_registry.pull(args.model, Path(args.dest), args.overwrite, base=base,  # no model named: the adapter's own
+                               same_base=lambda recorded: base_of(recorded, r.model, overrides) is not None)
     print(f"pulled {args.model} into {dest}")
     if args.verify:
         if (dest / "adapter_config.json").exists():

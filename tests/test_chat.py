@@ -68,11 +68,15 @@ def test_prompt_answers_once_as_the_registered_model_does(registered, capsys):
     assert answer and answer == greedy_pyfunc("你好，请介绍一下你自己。", 12)  # same adapter, system prompt, decoding
 
 
-def test_a_folder_a_wrong_base_and_bad_settings(registered, capsys):
+def test_a_folder_a_wrong_base_and_bad_settings(registered, capsys, caplog):
     assert chat.main(["--model", registered["adapter"], *GREEDY, "--max-new-tokens", "4", "--prompt", "你好"]) == 0
     assert capsys.readouterr().out.strip()
-    assert chat.main(["--model", MODEL, "--hw", "4090", "--prompt", "你好"]) == 1
-    assert "is an adapter of base 'tiny-qwen2" in capsys.readouterr().err
+    assert chat.main(["--model", MODEL, "--hw", "cpu", "--set", "model=tiny-qwen2.5", "--prompt", "你好"]) == 1
+    assert "is an adapter of base 'tiny-qwen2" in capsys.readouterr().err  # the model named is not its base
+    # no model named, a profile whose model is another (HW=4090: Qwen2.5-7B): the adapter's own base, said in the log
+    caplog.set_level("INFO", logger="pipeline.chat")
+    assert chat.main(["--model", MODEL, *GREEDY[2:], "--hw", "4090", "--max-new-tokens", "4", "--prompt", "你好"]) == 0
+    assert capsys.readouterr().out.strip() and "is an adapter of tiny-qwen2: loaded on that model definition" in caplog.text
     assert chat.main(["--model", MODEL, "--hw", "cpu", "--temperature", "-1", "--top-p", "0"]) == 2
     err = capsys.readouterr().err
     assert "--temperature (TEMPERATURE) must be 0 (greedy) or more" in err and "--top-p (TOP_P)" in err

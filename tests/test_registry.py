@@ -164,3 +164,18 @@ def test_promote_refuses_a_version_never_evaluated_unless_forced(mlflow_store, a
     client.set_model_version_tag(NAME, version, "eval.gate", "pass")
     assert registry.main([*args[:-1], "release"]) == 0
     assert "promoted.release.forced" not in client.get_model_version(NAME, version).tags
+
+
+def test_pull_of_an_adapter_takes_its_recorded_base_unless_a_model_is_named(mlflow_store, adapter, tmp_path, capsys):
+    """An adapter of tiny-qwen2 pulled under HW=4090 (whose model is Qwen2.5-7B) with no model named: its recorded
+    base is a model definition of this repo, so it pulls; naming another model (`SET="model=…"`) is refused."""
+    from pipeline import registry
+
+    model, base_dir, adapter_dir, _ = adapter
+    version = _register(adapter_dir, base_dir, model, hw="cpu")["version"]
+    ref = f"{NAME}/{version}"
+    assert registry.main(["pull", "--model", ref, "--dest", str(tmp_path / "a"), "--hw", "4090"]) == 0
+    assert (tmp_path / "a" / "adapter_config.json").is_file()
+    assert registry.main(["pull", "--model", ref, "--dest", str(tmp_path / "b"), "--hw", "cpu",
+                          "--set", "model=tiny-qwen3"]) == 1
+    assert "is an adapter of base 'tiny-qwen2-" in capsys.readouterr().err and not (tmp_path / "b").exists()

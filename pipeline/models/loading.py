@@ -12,7 +12,7 @@ from typing import Literal
 
 from pipeline.core.errors import ConfigError, StageError
 from pipeline.core.paths import repo_path
-from pipeline.core.profiles import HardwareProfile, ModelDef
+from pipeline.core.profiles import HardwareProfile, ModelDef, available, load_model
 from pipeline.core.runtime import launched, local_rank
 from pipeline.core.strict import Key, load_yaml
 from pipeline.models.tiny import tiny_model_dir
@@ -85,6 +85,18 @@ def same_base(recorded: str, model: ModelDef) -> bool:
     """Whether an adapter's recorded base is ``model``: the hub id, the model name, or a tiny model's cache folder."""
     name = Path(recorded).name
     return recorded in (model.hub_id, model.name) or name == model.name or name.startswith(f"{model.name}-")
+
+
+def base_of(recorded: str, given: ModelDef, overrides: list[tuple[str, object]]) -> ModelDef | None:
+    """The model definition to load an adapter on: ``given`` (the profile's, or the one `SET="model=…"` names) when it
+    is the adapter's recorded base; else, when no model was named, the definition the recorded base is (its hub id,
+    name or tiny cache folder); else None (a mismatch the caller refuses)."""
+    if not recorded or same_base(recorded, given):
+        return given
+    if any(key.rpartition(".")[2] == "model" for key, _ in overrides):
+        return None
+    own = [m for m in map(load_model, available("models")) if same_base(recorded, m)]
+    return max(own, key=lambda m: len(m.name)) if own else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
