@@ -138,12 +138,15 @@ def test_pull_of_the_merged_model_reproduces_the_logits_logged_at_export(chained
 
 
 def test_pull_refuses_an_adapter_of_another_base_naming_both(chained, capsys):
+    """A model named (`SET="model=…"`) that is not the adapter's base: refused, naming both; none named: the adapter's
+    recorded base, whatever HW's model is."""
     dest = chained["tmp"] / "pulled-adapter"
-    assert registry.main(["pull", "--model", "zh-align-sft@candidate", "--dest", str(dest), "--hw", "4090"]) == 1
+    assert registry.main(["pull", "--model", "zh-align-sft@candidate", "--dest", str(dest), "--hw", "4090",
+                          "--set", "model=qwen2.5-7b-instruct"]) == 1
     err = capsys.readouterr().err
     assert "adapter of base 'tiny-qwen2'" in err and "Qwen/Qwen2.5-7B-Instruct" in err
     assert not dest.exists()  # refused before anything was written
-    assert registry.main(["pull", "--model", "zh-align-sft@candidate", "--dest", str(dest), "--hw", "cpu"]) == 0
+    assert registry.main(["pull", "--model", "zh-align-sft@candidate", "--dest", str(dest), "--hw", "4090"]) == 0
     assert (dest / "adapter_config.json").is_file()
 
 
