@@ -32,9 +32,10 @@ from pipeline.evaluation import mirrors as mirror_sources
 from pipeline.evaluation import results as R
 from pipeline.evaluation.forgetting import GateConfig
 from pipeline.hardware import planner
-from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer, require_safetensors
+from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer, require_safetensors, same_base
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output, model_ref_input
+from pipeline.stage.resolve import on_adapter_base
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, lineage, model_registry, runs
 
@@ -78,6 +79,7 @@ class EvaluateConfig:
 
 
 def plan(r: Resolved) -> Plan:
+    r = _on_adapter_base(r)
     cfg = r.cfg
     sources = mirror_sources.load().sources
     mirrors = [Item(f"mirror of {task}", folder, mirror_sources.status(task, folder, task in sources)[0],
@@ -138,6 +140,7 @@ class _Judged:
 
 
 def run(r: Resolved) -> EvalResult:
+    r = _on_adapter_base(r)
     cfg = r.cfg
     out = repo_path(cfg.output_dir)
     if cfg.apply_chat_template:
@@ -230,6 +233,17 @@ def _task_manager(include: str) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include)
+
+
+def _on_adapter_base(r: Resolved) -> Resolved:
+    """``r`` on the adapter's recorded base (:func:`on_adapter_base`); the earlier adapter must share it."""
+    r = on_adapter_base(r, r.cfg.adapter)
+    recorded = lineage.recorded_base(r.cfg.earlier)
+    if recorded and not same_base(recorded, r.model):
+        raise ConfigError([f"`earlier` {r.cfg.earlier!r} is an adapter of base {recorded!r}, but `adapter` "
+                           f"{r.cfg.adapter!r} is one of {r.model.name}: both are scored against one base; give an "
+                           f"earlier adapter of {r.model.name}"])
+    return r
 
 
 def _target(r: Resolved, ref: str | None, key: str) -> dict[str, Any]:

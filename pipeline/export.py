@@ -22,6 +22,7 @@ from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path, load_tokenizer, require_safetensors, safe_load_kwargs, same_base
 from pipeline.stage import cli
 from pipeline.stage.dryrun import Plan, base_model_input, dir_output, model_ref_input, registry_output
+from pipeline.stage.resolve import on_adapter_base
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, lineage, model_registry, runs
 from pipeline.tracking.model_registry import RegisterConfig
@@ -38,6 +39,7 @@ class ExportConfig:
 
 
 def plan(r: Resolved) -> Plan:
+    r = on_adapter_base(r, r.cfg.adapter)
     cfg = r.cfg
     return Plan(r, facts=[
         ("merge", f"into the bf16 base (never a 4-bit one); max |merged − adapter| logit ≤ {cfg.logits_tolerance}"),
@@ -60,6 +62,7 @@ class ExportResult:
 
 
 def run(r: Resolved) -> ExportResult:
+    r = on_adapter_base(r, r.cfg.adapter)
     cfg = r.cfg
     target = lineage.find_adapter(cfg.adapter, stage="align", model=r.model.name, hw=r.hw.name,
                                     key="adapter")

@@ -16,6 +16,13 @@ def _tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["ZH_ALIGN_TINY_CACHE"] = str(tmp_path_factory.mktemp("tiny-models"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_store(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A test with no store of its own (a dry run that looks an adapter up) reads an empty one, never the
+    repository's mlflow.db, whose runs depend on what was run here before."""
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('session-store') / 'mlflow.db'}"
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh sqlite tracking store and artifact root in a temporary folder; the test runs from that folder."""

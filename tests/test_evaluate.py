@@ -135,14 +135,14 @@ def test_a_missing_mirror_names_task_and_path(tmp_path):
             ["tasks=[cmmlu]", f"mirrors.cmmlu={tmp_path / 'nowhere'}", "adapter=null"])))
 
 
-def test_the_dry_run_shows_tasks_model_adapter_and_mirrors(capsys):
+def test_the_dry_run_shows_tasks_model_adapter_and_mirrors(mlflow_store, capsys):
     assert evaluate.main(["--hw", "4090", "--set", "mirrors.cmmlu=/data/cmmlu"]) == 0
     page = capsys.readouterr().out
     assert "cmmlu, ceval-valid, hellaswag, winogrande" in page and "zh-align-sft@candidate" in page
     assert "mirror of cmmlu: /data/cmmlu" in page
 
 
-def test_the_dry_run_shows_the_earlier_adapter_gated_too_and_earlier_needs_an_adapter(capsys):
+def test_the_dry_run_shows_the_earlier_adapter_gated_too_and_earlier_needs_an_adapter(mlflow_store, capsys):
     assert evaluate.main(["--hw", "4090", "--set", "earlier=zh-align-sft/1", "--set", "adapter=zh-align-orpo/1"]) == 0
     page = capsys.readouterr().out
     assert "earlier adapter (evaluated and gated too): zh-align-sft/1" in page
@@ -150,3 +150,27 @@ def test_the_dry_run_shows_the_earlier_adapter_gated_too_and_earlier_needs_an_ad
     assert "3 model(s)" in page  # the estimate counts the earlier adapter's pass
     assert evaluate.main(["--hw", "cpu", "--set", "earlier=zh-align-sft/1", "--set", "adapter=null"]) == 2
     assert "`earlier` is 'zh-align-sft/1' but `adapter` is null" in capsys.readouterr().err
+
+
+def test_an_adapter_of_another_profile_is_scored_on_its_recorded_base(mlflow_store, tmp_path, capsys, caplog):
+    """`make eval HW=4090 SET="adapter=…"` of a tiny-qwen2 adapter, no model named: the plan (and the run) take the
+    adapter's recorded base, as chat and pull do; a named model that is not its base, an earlier adapter of another
+    base, and a base no model definition has are refused, naming both."""
+    def adapter(name: str, base: str) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+        return str(tmp_path / name)
+
+    tiny, other = adapter("tiny", "tiny-qwen2-0123abcd"), adapter("other", "Qwen/Qwen2.5-7B-Instruct")
+    caplog.set_level("INFO", logger="pipeline.stage.resolve")
+    assert evaluate.main(["--hw", "4090", "--set", f"adapter={tiny}"]) == 0
+    page = capsys.readouterr().out
+    assert "base model: tiny-qwen2 → " in page and "Qwen/Qwen2.5-7B-Instruct" not in page
+    assert "is an adapter of tiny-qwen2: the evaluate runs on that model definition, not qwen2.5-7b-instruct" in caplog.text
+    assert evaluate.main(["--hw", "4090", "--set", f"adapter={tiny}", "--set", "model=qwen2.5-7b-instruct"]) == 2
+    err = capsys.readouterr().err
+    assert "is an adapter of base 'tiny-qwen2-0123abcd', but this evaluate's model is qwen2.5-7b-instruct" in err
+    assert evaluate.main(["--hw", "4090", "--set", f"adapter={tiny}", "--set", f"earlier={other}"]) == 2
+    assert "`earlier` " in (err := capsys.readouterr().err) and "give an earlier adapter of tiny-qwen2" in err
+    assert evaluate.main(["--hw", "cpu", "--set", f"adapter={adapter('alien', 'someone/alien-7b')}"]) == 2
+    assert "add a model definition with `hub_id: someone/alien-7b`" in capsys.readouterr().err

@@ -64,14 +64,18 @@ def test_the_registered_merged_model_pulls_and_loads_with_the_same_logits(export
     assert len(out) == 1 and isinstance(out[0], str)
 
 
-def test_a_foreign_adapter_is_refused_naming_both(tmp_path, mlflow_store):
+def test_an_adapter_of_another_base_exports_on_it_or_is_refused_naming_both(tmp_path, mlflow_store, capsys):
+    """No model named: the export takes the adapter's recorded base (the plan shows it); a named model that is not
+    the adapter's base is refused before anything loads."""
     import json
 
-    from pipeline.core.errors import StageError
+    from pipeline.core.errors import ConfigError
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct"}))
-    with pytest.raises(StageError, match=r"trained on base 'Qwen/Qwen2.5-7B-Instruct', but this export's base is tiny"):
-        export.run(resolve("export", hw="cpu", overrides=parse_overrides([f"adapter={tmp_path}"])))
+    assert export.main(["--hw", "cpu", "--set", f"adapter={tmp_path}"]) == 0
+    assert "base model: Qwen/Qwen2.5-7B-Instruct @ " in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"adapter of base 'Qwen/Qwen2.5-7B-Instruct', but this export's model is tiny"):
+        export.run(resolve("export", hw="cpu", overrides=parse_overrides([f"adapter={tmp_path}", "model=tiny-qwen2"])))
 
 
 def test_pull_gives_a_folder_transformers_loads_and_refuses_a_full_dest(exported, capsys):

@@ -5,6 +5,7 @@ every stage (``make plan``, ``make pipeline``)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,11 @@ from pipeline.core.paths import CONFIGS, repo_path, shown
 from pipeline.core.profiles import DEFAULT_HW, HardwareProfile, load_hub, load_model, load_profile
 from pipeline.core.resolved import Resolved
 from pipeline.core.strict import apply_override, build, close, load_yaml
+from pipeline.models.loading import base_of
 from pipeline.stage.spec import Stage, get, names, stages
+from pipeline.tracking import lineage
+
+log = logging.getLogger(__name__)
 
 
 def default_config_path(stage: Stage, profile: HardwareProfile | None, variant: str | None = None) -> Path:
@@ -62,6 +67,25 @@ def resolve(stage: str | Stage, *, config: str | Path | None = None, hw: str = D
                            f" of {model.max_positions} positions ({model.architecture}); set `hw.max_length` to at most "
                            f"{model.max_positions} (SET=\"hw.max_length={model.max_positions}\") or pick another model"])
     return Resolved(stage.name, src, cfg, profile, model, load_hub(), list(overrides), variant)
+
+
+def on_adapter_base(r: Resolved, ref: str | None, key: str = "adapter") -> Resolved:
+    """``r`` on the model definition the adapter ``ref`` records as its base, when that is not the profile's and no
+    model was named (`make eval` / `make export` of an adapter trained under another profile, as `make chat` and
+    `make pull` do); a named model that is not the adapter's base, or a base no model definition has, is refused."""
+    recorded = lineage.recorded_base(ref)
+    model = base_of(recorded, r.model, r.overrides)
+    if model is r.model:
+        return r
+    if model is None:
+        named = any(k.rpartition(".")[2] == "model" for k, _ in r.overrides)
+        fix = ("drop SET=\"model=…\" to use the adapter's own base" if named else
+               f"add a model definition with `hub_id: {recorded}` to configs/models/ and name it (SET=\"model=…\")")
+        raise ConfigError([f"`{key}` {ref!r} is an adapter of base {recorded!r}, but this {r.stage}'s model is "
+                           f"{r.model.name} ({r.model.hub_id or 'a local model'}); {fix}"])
+    log.info("`%s` %s is an adapter of %s: the %s runs on that model definition, not %s (the profile's)",
+             key, ref, model.name, r.stage, r.model.name)
+    return dataclasses.replace(r, cfg=dataclasses.replace(r.cfg, model=model.name), model=model)
 
 
 def _collect(problems: list[str], fn: Any, *args: Any) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import StageError
+from pipeline.core.paths import repo_path
 from pipeline.tracking import liveness
 from pipeline.tracking.model_registry import registered_models, version_gates
 from pipeline.tracking.runs import experiment_name, get_run, tracking_uri
@@ -54,6 +55,33 @@ def find_adapter(ref: str | None, *, stage: str, model: str, hw: str, key: str =
     folder = Path(mlflow.artifacts.download_artifacts(version.source))
     return {**_local_adapter(_adapter_dir(folder)), "source": f"models:/{version.name}/{version.version}",
             "run_id": version.run_id, "version": str(version.version), "tags": dict(version.tags)}
+
+
+def recorded_base(ref: str | None) -> str:
+    """The base an adapter records, looked up without downloading it: a folder's adapter_config.json, or a registered
+    version's ``base_model`` tag (a run id: its newest version's). "" when ``ref`` names no adapter (None, a merged
+    folder, nothing in the store): the stage's own lookup says why."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not ref or ref.startswith("<"):  # nothing, or the pipeline's placeholder for a child not run yet
+        return ""
+    folder = repo_path(ref)
+    if folder.is_dir():
+        config = folder / "adapter_config.json"
+        return (json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+                if config.is_file() else "")
+    client = mlflow.MlflowClient(tracking_uri())
+    try:
+        if "@" in ref:
+            version = client.get_model_version_by_alias(*ref.split("@", 1))
+        elif "/" in ref:
+            version = client.get_model_version(*ref.split("/", 1))
+        else:
+            version = max(client.search_model_versions(f"run_id = '{ref}'"), key=lambda v: int(v.version), default=None)
+    except MlflowException:
+        return ""
+    return version.tags.get("base_model", "") if version else ""
 
 
 def ref_problem(ref: str, key: str) -> str | None:

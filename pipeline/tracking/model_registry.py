@@ -16,7 +16,6 @@ from typing import Any
 
 from pipeline.core import atomic
 from pipeline.core.errors import ConfigError, StageError
-from pipeline.core.profiles import available
 from pipeline.core.secrets import REDACTED, Scrubber, is_secret
 from pipeline.core.strict import close
 from pipeline.tracking.runs import MAX_VALUE, rank0, tracking_uri
@@ -195,17 +194,14 @@ def promote(name: str, version: str, alias: str, force: bool = False) -> str:
 def ungated(name: str, version: str, tags: Mapping[str, str]) -> str:
     """Why a version without ``eval.gate`` is not promoted, and how to evaluate it: an adapter directly; a merged
     model through the adapter it was merged from (export copies that adapter's gate)."""
-    hw = f"HW={tags.get('hw') or '…'}"
-    base = tags.get("base_model", "")  # a hub id, or a local model's folder name: `<definition>-<hash>` for a tiny one
-    local = [m for m in available("models") if "/" not in base and (base == m or base.startswith(f"{m}-"))]
-    model = f"model={max(local, key=len)} " if local else ""
+    hw = f"HW={tags.get('hw') or '…'}"  # evaluate and export take the adapter's recorded base: no model to name
     adapter = tags.get("adapter", "").removeprefix("models:/")
     if adapter:
         how = (f"it was merged from {adapter}, which had no gate at export: evaluate that adapter (`make eval {hw} "
-               f"DRY_RUN=0 SET=\"{model}adapter={adapter}\"`), then export it again (`make export {hw} DRY_RUN=0 "
-               f"SET=\"{model}adapter={adapter}\"`) and promote the new version")
+               f"DRY_RUN=0 SET=\"adapter={adapter}\"`), then export it again (`make export {hw} DRY_RUN=0 "
+               f"SET=\"adapter={adapter}\"`) and promote the new version")
     else:
-        how = f"evaluate it first: `make eval {hw} DRY_RUN=0 SET=\"{model}adapter={name}/{version}\"` tags its gate"
+        how = f"evaluate it first: `make eval {hw} DRY_RUN=0 SET=\"adapter={name}/{version}\"` tags its gate"
     return (f"{name}/{version} was not evaluated (it has no eval.gate tag); {how}; or pass FORCE=1 to promote it "
             f"anyway")
 
