@@ -34,7 +34,7 @@ from pipeline.evaluation.forgetting import GateConfig
 from pipeline.hardware import planner
 from pipeline.models.loading import DTYPES, base_model_path, load_tokenizer, require_safetensors, same_base
 from pipeline.stage import cli
-from pipeline.stage.dryrun import Item, Plan, base_model_input, dir_output, model_ref_input
+from pipeline.stage.dryrun import Item, Plan, adapter_base_input, dir_output, model_ref_input
 from pipeline.stage.resolve import on_adapter_base
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, lineage, model_registry, runs
@@ -79,7 +79,7 @@ class EvaluateConfig:
 
 
 def plan(r: Resolved) -> Plan:
-    r = _on_adapter_base(r)
+    r = _on_adapter_base(r, registry=False)
     cfg = r.cfg
     sources = mirror_sources.load().sources
     mirrors = [Item(f"mirror of {task}", folder, mirror_sources.status(task, folder, task in sources)[0],
@@ -96,7 +96,7 @@ def plan(r: Resolved) -> Plan:
         ("compare", _compared(cfg)),
     ], inputs=[model_ref_input("adapter under test", cfg.adapter, "sft", r),
                *([model_ref_input("earlier adapter (evaluated and gated too)", cfg.earlier, "sft", r, "earlier")]
-                 if cfg.earlier else []), base_model_input(r), *mirrors, *hub],
+                 if cfg.earlier else []), adapter_base_input(r, cfg.adapter), *mirrors, *hub],
        outputs=[dir_output(cfg.output_dir, "results.json + results.csv"
                            + (" + forgetting report (json, csv, chart)" if cfg.compare_base else "")
                            + (" + earlier/ (the earlier adapter's results)" if cfg.earlier else "")),
@@ -235,10 +235,10 @@ def _task_manager(include: str) -> Any:
     return TaskManager(include_path=include)
 
 
-def _on_adapter_base(r: Resolved) -> Resolved:
+def _on_adapter_base(r: Resolved, registry: bool = True) -> Resolved:
     """``r`` on the adapter's recorded base (:func:`on_adapter_base`); the earlier adapter must share it."""
-    r = on_adapter_base(r, r.cfg.adapter)
-    recorded = lineage.recorded_base(r.cfg.earlier)
+    r = on_adapter_base(r, r.cfg.adapter, registry=registry)
+    recorded = lineage.recorded_base(r.cfg.earlier, registry)
     if recorded and not same_base(recorded, r.model):
         raise ConfigError([f"`earlier` {r.cfg.earlier!r} is an adapter of base {recorded!r}, but `adapter` "
                            f"{r.cfg.adapter!r} is one of {r.model.name}: both are scored against one base; give an "

@@ -21,7 +21,7 @@ from pipeline.core.resolved import Resolved
 from pipeline.hardware import planner
 from pipeline.models.loading import base_model_path, load_tokenizer, require_safetensors, safe_load_kwargs, same_base
 from pipeline.stage import cli
-from pipeline.stage.dryrun import Plan, base_model_input, dir_output, model_ref_input, registry_output
+from pipeline.stage.dryrun import Plan, adapter_base_input, dir_output, model_ref_input, registry_output
 from pipeline.stage.resolve import on_adapter_base
 from pipeline.stage.spec import Stage
 from pipeline.tracking import fingerprints, lineage, model_registry, runs
@@ -39,11 +39,11 @@ class ExportConfig:
 
 
 def plan(r: Resolved) -> Plan:
-    r = on_adapter_base(r, r.cfg.adapter)
+    r = on_adapter_base(r, r.cfg.adapter, registry=False)
     cfg = r.cfg
     return Plan(r, facts=[
         ("merge", f"into the bf16 base (never a 4-bit one); max |merged − adapter| logit ≤ {cfg.logits_tolerance}"),
-    ], inputs=[model_ref_input("adapter", cfg.adapter, "align", r), base_model_input(r)],
+    ], inputs=[model_ref_input("adapter", cfg.adapter, "align", r), adapter_base_input(r, cfg.adapter)],
        outputs=[dir_output(cfg.output_dir, "merged model + model card"), registry_output(cfg.register)],
        estimate=planner.export(r.hw, r.model))
 

@@ -174,3 +174,16 @@ def test_an_adapter_of_another_profile_is_scored_on_its_recorded_base(mlflow_sto
     assert "`earlier` " in (err := capsys.readouterr().err) and "give an earlier adapter of tiny-qwen2" in err
     assert evaluate.main(["--hw", "cpu", "--set", f"adapter={adapter('alien', 'someone/alien-7b')}"]) == 2
     assert "add a model definition with `hub_id: someone/alien-7b`" in capsys.readouterr().err
+
+
+def test_a_registered_adapter_of_another_profile_is_looked_up_by_the_run_and_the_pre_check(world, capsys):
+    """The world's sft adapter (tiny-qwen2) named under HW=4090: the dry run opens no store and says the run takes the
+    recorded base; the run's lookup takes it; the pre-check refuses a named model that is not that base."""
+    ref = "zh-align-sft@candidate"
+    assert evaluate.main(["--hw", "4090", "--set", f"adapter={ref}"]) == 0
+    assert f"unless a model is named, the run takes the base {ref} records" in capsys.readouterr().out
+    rebased = evaluate._on_adapter_base(resolve("evaluate", hw="4090", overrides=[("adapter", ref)]))
+    assert rebased.model.name == rebased.cfg.model == "tiny-qwen2" and rebased.hw.name == "4090"
+    assert evaluate.main(["--hw", "4090", "--set", f"adapter={ref}", "--set", "model=qwen2.5-7b-instruct",
+                          "--check"]) == 2
+    assert "`adapter` 'zh-align-sft@candidate' is an adapter of base 'tiny-qwen2', but this evaluate's model is qwen2.5" in capsys.readouterr().err

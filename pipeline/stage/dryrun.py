@@ -23,7 +23,7 @@ from pipeline.data.prepared import DataRef, pool_folder, sampling_plan, verify_p
 from pipeline.hardware.planner import Estimate
 from pipeline.models.loading import check_device
 from pipeline.models.tiny import tiny_cache_path
-from pipeline.stage.resolve import default_config_path
+from pipeline.stage.resolve import default_config_path, on_adapter_base
 from pipeline.stage.spec import get
 from pipeline.tracking import lineage
 from pipeline.tracking.model_registry import RegisterConfig
@@ -112,6 +112,25 @@ def resume_input(output_dir: str, resume: str | None) -> list[Item]:
         return [Item(*found) for found in checkpoints.planned(output_dir, resume)]
     except ConfigError as err:
         return [Item("resume from", str(resume), "MISSING", problem=str(err))]
+
+
+def adapter_base_input(r: Resolved, ref: str | None, key: str = "adapter") -> Item:
+    """The base an adapter is loaded on (``r`` after :func:`on_adapter_base` without the registry): for a registered
+    adapter, the base it records is looked up by the run (and by the pre-check, which refuses a named model that is
+    not that base)."""
+    item = base_model_input(r)
+    if not ref or ref.startswith("<") or repo_path(ref).is_dir():
+        return item
+
+    def problem() -> str | None:
+        try:
+            on_adapter_base(r, ref, key)
+        except ConfigError as err:
+            return "; ".join(err.problems)
+        return None
+
+    return dataclasses.replace(item, state=f"{item.state}; unless a model is named, the run takes the base "
+                                           f"{ref} records", check=problem)
 
 
 def model_ref_input(what: str, ref: str | None, made_by: str, r: Resolved, key: str = "adapter") -> Item:

@@ -69,11 +69,12 @@ def resolve(stage: str | Stage, *, config: str | Path | None = None, hw: str = D
     return Resolved(stage.name, src, cfg, profile, model, load_hub(), list(overrides), variant)
 
 
-def on_adapter_base(r: Resolved, ref: str | None, key: str = "adapter") -> Resolved:
+def on_adapter_base(r: Resolved, ref: str | None, key: str = "adapter", registry: bool = True) -> Resolved:
     """``r`` on the model definition the adapter ``ref`` records as its base, when that is not the profile's and no
     model was named (`make eval` / `make export` of an adapter trained under another profile, as `make chat` and
-    `make pull` do); a named model that is not the adapter's base, or a base no model definition has, is refused."""
-    recorded = lineage.recorded_base(ref)
+    `make pull` do); a named model that is not the adapter's base, or a base no model definition has, is refused.
+    ``registry`` off (a plan): only an adapter folder is read, a registered one is left to the run and the pre-check."""
+    recorded = lineage.recorded_base(ref, registry)
     model = base_of(recorded, r.model, r.overrides)
     if model is r.model:
         return r

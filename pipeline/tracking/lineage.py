@@ -57,13 +57,10 @@ def find_adapter(ref: str | None, *, stage: str, model: str, hw: str, key: str =
             "run_id": version.run_id, "version": str(version.version), "tags": dict(version.tags)}
 
 
-def recorded_base(ref: str | None) -> str:
-    """The base an adapter records, looked up without downloading it: a folder's adapter_config.json, or a registered
-    version's ``base_model`` tag (a run id: its newest version's). "" when ``ref`` names no adapter (None, a merged
-    folder, nothing in the store): the stage's own lookup says why."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+def recorded_base(ref: str | None, registry: bool = True) -> str:
+    """The base an adapter records, looked up without downloading it: a folder's adapter_config.json, or (``registry``)
+    a registered version's ``base_model`` tag (a run id: its newest version's). "" when ``ref`` names no adapter (None,
+    a merged folder, nothing in the store) or a registered one with ``registry`` off (a dry run opens no store)."""
     if not ref or ref.startswith("<"):  # nothing, or the pipeline's placeholder for a child not run yet
         return ""
     folder = repo_path(ref)
@@ -71,6 +68,11 @@ def recorded_base(ref: str | None) -> str:
         config = folder / "adapter_config.json"
         return (json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
                 if config.is_file() else "")
+    if not registry:
+        return ""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     client = mlflow.MlflowClient(tracking_uri())
     try:
         if "@" in ref:
