@@ -186,4 +186,5 @@ def test_a_registered_adapter_of_another_profile_is_looked_up_by_the_run_and_the
     assert rebased.model.name == rebased.cfg.model == "tiny-qwen2" and rebased.hw.name == "4090"
     assert evaluate.main(["--hw", "4090", "--set", f"adapter={ref}", "--set", "model=qwen2.5-7b-instruct",
                           "--check"]) == 2
-    assert "`adapter` 'zh-align-sft@candidate' is an adapter of base 'tiny-qwen2', but this evaluate's model is qwen2.5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"`adapter` '{ref}' is an adapter of base 'tiny-qwen2', but this evaluate's model is qwen2.5" in err

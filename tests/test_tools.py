@@ -56,3 +56,20 @@ def test_the_memory_sampler_keeps_to_its_share_of_a_core(monkeypatch):
         time.sleep(1.0)
     assert peak["main"] > 0 and peak["all_pss"] > 0
     assert peak["sampler_cpu_s"] <= 0.05 * 1.0 + 0.05  # its share of the second, and one sample over
+
+
+def test_gpu_box_pins_the_tested_versions_and_refuses_to_run_without_its_wheels(tmp_path):
+    """tools/gpu_box.sh carries the versions constraints.txt pins (the ones the CPU tests ran), and says what to do
+    when the wheels did not travel."""
+    import re
+
+    script = (ROOT / "tools" / "gpu_box.sh").read_text(encoding="utf-8")
+    pins = dict(re.findall(r"^(trl|datasets|bitsandbytes|liger-kernel)==([\w.]+)", (ROOT / "constraints.txt")
+                           .read_text(encoding="utf-8"), re.M))
+    assert len(pins) == 4 and all(f"{name}=={version}" in script for name, version in pins.items())
+    env = {**os.environ, "WHEELS": str(tmp_path / "none")}
+    done = subprocess.run(["bash", "tools/gpu_box.sh", "bench", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "run 'bash tools/gpu_box.sh wheels' first and carry it" in done.stderr
+    usage = subprocess.run(["bash", "tools/gpu_box.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "bash tools/gpu_box.sh bench [OUT]" in usage.stderr
