@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import sys
@@ -36,24 +35,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import ConfigError, StageError
+from pipeline.core.errors import ConfigError
 from pipeline.core.paths import repo_path, shown
 from pipeline.core.resolved import Resolved
 from pipeline.core.strict import parse_overrides
 from pipeline.data.prepared import Pool
 from pipeline.hardware import gpus, planner
 from pipeline.hardware.memory import GiB, Shape, training
-from pipeline.models.loading import LoraConfig, check_device, load_kwargs, with_lora
+from pipeline.models.loading import LoraConfig, check_device, with_lora
+from pipeline.models.synthetic import random_model, synthetic_rows, word_tokenizer
 from pipeline.stage import cli
 from pipeline.stage.resolve import resolve
-from pipeline.tracking import runs
 from pipeline.training.preference import logit_chunk
 from pipeline.training.trainer import recomputed_layers
 
 STAGES = {"sft": ("sft", None), "dpo": ("align", "dpo"), "orpo": ("align", "orpo")}
 VARIANTS = ("profile", "trl-defaults", "trl-qlora-recipe", "trl-dpo-defaults")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["system", "user", "assistant"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.setup_logging()
     if args.log_results:
+        from pipeline.tracking.bench_runs import log_results
+
         return cli.guarded(lambda: print(log_results(repo_path(args.log_results))))
     return cli.guarded(lambda: print(table(bench(args))))
 
@@ -116,6 +115,8 @@ def measure_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     summary = summarise(results, r, args, cuda)
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if args.log_mlflow:
+        from pipeline.tracking.bench_runs import log_run  # MLflow only here: a GPU machine may not have it
+
         log_run(summary, out)
     return summary
 
@@ -127,82 +128,6 @@ def baseline_of(stage: str, r: Resolved) -> str:
     if stage != "sft":
         return "trl-dpo-defaults"
     return "trl-qlora-recipe" if r.hw.qlora else "trl-defaults"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The synthetic inputs
-# ------------------------------------------------------------------------------------------------------------------
-def word_tokenizer(r: Resolved, work: Path) -> Any:
-    """A word-level tokenizer over the model's vocabulary (``w<id>``), the family's chat template and special tokens:
-    a row of n random words is n tokens, for any architecture, offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from pipeline.models.tiny import chat_template
-
-    vocab_size = r.model.architecture_config()["vocab_size"]
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS, "<unk>"])}
-    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<unk>", chat_template=chat_template(r.model.chat_template))
-    fast.add_special_tokens({"additional_special_tokens": SPECIALS})
-    return fast
-
-
-def lengths(r: Resolved, kind: str, n: int, data: Path | None) -> list[int]:
-    """``n`` row lengths: drawn (seeded) from the prepared pool's rows, else all the profile's max_length."""
-    limit = r.hw.max_length
-    if data is None:
-        return [limit] * n
-    file = data / ("sft.jsonl" if kind == "sft" else "pref.jsonl")
-    pool = [min(json.loads(line)["n_tokens"], limit) for line in file.read_text(encoding="utf-8").splitlines() if line]
-    rng = random.Random(0)
-    return [rng.choice(pool) for _ in range(n)]
-
-
-def synthetic_rows(r: Resolved, stage: str, n: int, data: Path | None) -> list[dict[str, Any]]:
-    """Rows in the prepared pool's layout whose templated length is about each drawn length (a pair: per answer)."""
-    rng = random.Random(0)
-    vocab = r.model.architecture_config()["vocab_size"]
-    first = len(SPECIALS) + len(WORDS) + 1
-
-    def words(k: int) -> str:
-        return " ".join(f"w{rng.randrange(first, vocab)}" for _ in range(max(1, k)))
-
-    rows = []
-    for length in lengths(r, "sft" if stage == "sft" else "pref", n, data):
-        body = max(2, length - 16)                           # the template's markers and the system prompt
-        user, answer = words(body * 2 // 5), words(body - body * 2 // 5)
-        common = {"lang": "en", "source": "bench", "bucket": 0, "n_tokens": length}
-        if stage == "sft":
-            rows.append({**common, "messages": [{"role": "user", "content": user},
-                                                {"role": "assistant", "content": answer}]})
-        else:
-            rows.append({**common, "prompt": [{"role": "user", "content": user}],
-                         "chosen": [{"role": "assistant", "content": answer}],
-                         "rejected": [{"role": "assistant", "content": words(body - body * 2 // 5)}]})
-    return rows
-
-
-def random_model(r: Resolved, work: Path, cuda: bool) -> Any:
-    """The architecture with seeded random weights, on the device; a QLoRA profile loads them 4-bit the stage's way."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    arch = r.model.architecture_config()
-    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    torch.manual_seed(0)
-    if r.hw.qlora:
-        folder = work / "random-base"
-        if not folder.is_dir():
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
-        return AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", use_safetensors=True,
-                                                    **load_kwargs(r.hw, r.cfg.qlora))
-    kwargs = load_kwargs(r.hw, r.cfg.qlora)
-    with torch.device("cuda" if cuda else "cpu"):
-        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -399,36 +324,6 @@ def table(summary: dict[str, Any]) -> str:
 
 def _pct(x: float | None) -> str:
     return f"{100 * x:.1f}%" if x is not None else "-"
-
-
-def log_run(summary: dict[str, Any], out: Path) -> str:
-    """The results as a FINISHED `bench` run: each variant's numbers as metrics ``<variant>/<field>``, its settings and
-    the device as params, the JSON files as artifacts; returns the run id."""
-    results = summary["results"]
-    config = {"bench": {k: v for k, v in summary.items() if k != "results"},
-              "variants": {x["variant"]: {k: v for k, v in x.items() if not _number(v)} for x in results}}
-    with runs.start_run("bench", config, hw=summary["hw"], model=summary["model"],
-                        run_name=f"bench-{summary['stage']}-{summary['hw']}") as run:
-        for x in results:
-            runs.log_metrics({f"{x['variant']}/{k}": float(v) for k, v in x.items() if _number(v)})
-        if summary.get("ratio_to_baseline") is not None:
-            runs.log_metrics({"ratio_to_baseline": summary["ratio_to_baseline"]})
-        runs.log_artifacts([f for f in (out / "bench.jsonl", out / "summary.json") if f.is_file()], "bench")
-        return run.info.run_id
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def log_results(folder: Path) -> str:
-    """Every ``summary.json`` under ``folder`` as a `bench` run (results measured where MLflow was not installed)."""
-    found = sorted(folder.rglob("summary.json"))
-    if not found:
-        raise StageError(f"no summary.json under {shown(folder)}; give the --out folder of make bench or the OUT of "
-                         f"make bench-gpu")
-    ids = [log_run(json.loads(f.read_text(encoding="utf-8")), f.parent) for f in found]
-    return f"logged {len(ids)} bench run(s) from {shown(folder)}: {', '.join(ids)}"
 
 
 if __name__ == "__main__":

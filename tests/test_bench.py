@@ -10,6 +10,7 @@ import pytest
 
 from pipeline import bench
 from pipeline.core.paths import ROOT
+from pipeline.models import synthetic
 from pipeline.stage.resolve import resolve
 
 FIELDS = ("tokens_per_s", "step_s_median", "step_s_spread", "tokens_per_step", "mfu", "peak_rss_gib", "status")
@@ -36,15 +37,15 @@ def test_row_lengths_follow_the_pool_and_stop_at_max_length(tmp_path):
     r = resolve("sft", hw="cpu")
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"n_tokens": n}) + "\n" for n in (100, 300, 5000)),
                                         encoding="utf-8")
-    drawn = bench.lengths(r, "sft", 50, tmp_path)
+    drawn = synthetic.lengths(r, "sft", 50, tmp_path)
     assert set(drawn) == {100, 300, r.hw.max_length}
-    assert bench.lengths(r, "sft", 3, None) == [r.hw.max_length] * 3
+    assert synthetic.lengths(r, "sft", 3, None) == [r.hw.max_length] * 3
 
 
 def test_a_synthetic_row_is_as_many_tokens_as_asked(tmp_path):
     r = resolve("sft", hw="cpu")
-    tok = bench.word_tokenizer(r, tmp_path)
-    (row,) = bench.synthetic_rows(r, "sft", 1, None)
+    tok = synthetic.word_tokenizer(r, tmp_path)
+    (row,) = synthetic.synthetic_rows(r, "sft", 1, None)
     ids = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
     assert abs(len(ids) - r.hw.max_length) <= 16 and tok.unk_token_id not in ids[-50:]
 
