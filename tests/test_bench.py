@@ -47,7 +47,26 @@ def test_a_synthetic_row_is_as_many_tokens_as_asked(tmp_path):
     tok = synthetic.word_tokenizer(r, tmp_path)
     (row,) = synthetic.synthetic_rows(r, "sft", 1, None)
     ids = tok.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
-    assert abs(len(ids) - r.hw.max_length) <= 16 and tok.unk_token_id not in ids[-50:]
+    assert len(ids) == r.hw.max_length and tok.unk_token_id not in ids[-50:]
+
+
+def test_every_character_of_an_assistant_span_belongs_to_a_token(tmp_path):
+    """TRL's training template marks the assistant turn from the newline after the role to the one after
+    <|im_end|>; transformers 5.17 (on GPU machines) maps the span's first and last characters to tokens, and found
+    none on the word tokenizer when it dropped newlines: an empty assistant mask, and the sft profile failed."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+    from trl.chat_template_utils import get_training_chat_template
+
+    tok = synthetic.word_tokenizer(resolve("sft", hw="cpu"), tmp_path)
+    turns = [{"role": "user", "content": "w10 w11"}, {"role": "assistant", "content": "w100 w200"}]
+    (text,), (spans,) = render_jinja_template(conversations=[turns], chat_template=get_training_chat_template(tok),
+                                              return_assistant_tokens_mask=True)
+    encoded = tok(text, add_special_tokens=False)
+    assert spans and all(encoded.char_to_token(a) is not None and encoded.char_to_token(b - 1) is not None
+                         for a, b in spans)
+    masked = tok.apply_chat_template(turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                     chat_template=get_training_chat_template(tok))["assistant_masks"]
+    assert sum(masked) == 5  # newline, w100, w200, <|im_end|>, newline
 
 
 def test_variants_are_checked_and_a_qlora_profile_is_held_to_the_qlora_recipe(tmp_path, capsys):
@@ -92,6 +111,10 @@ def test_bench_gpu_runs_its_cases_and_judges_the_targets(tmp_path, monkeypatch):
     assert [t["result"] for t in bg.judge(sft, report(9000, 24.5, 20.0, ratio=1.1), {})] == ["missed", "missed"]
     dpo = report(5000, 20, 19)
     assert bg.judge(orpo, report(4000, 22, 21), {"dpo-4090": dpo})[1]["result"] == "missed"
+    errored = {"case": "x", "status": "exit 0", "summary": {"results": [
+        {"variant": "profile", "status": "oom"}, {"variant": "trl-defaults", "status": "error: RuntimeError: boom"}]}}
+    assert bg.broken_cases([errored, {"case": "y", "status": "timeout"}]) == [
+        ("x", "trl-defaults: error: RuntimeError: boom"), ("y", "timeout")]  # an OOM is a result, not a break
     assert bg.planner_check(report(1, 1, 25.0)) == {"predicted_gib": 20.0, "measured_gib": 25.0, "error": -0.2,
                                                     "within": False}
 

@@ -160,7 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     results["wall_s"] = round(time.perf_counter() - start, 1)
     (out / "bench_gpu.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(f"{len(reports)} of {len(chosen)} cases in {results['wall_s']:.0f} s; results in {out / 'bench_gpu.json'}")
-    return 0
+    broken = broken_cases(reports.values())
+    for name, why in broken:
+        print(f"BROKEN {name}: {why}", file=sys.stderr)
+    return 1 if broken else 0  # an OOM is a result; a crash or an error in a variant is a bug to fix first
+
+
+def broken_cases(reports: Any) -> list[tuple[str, str]]:
+    """(case, why) for every case whose process failed or whose variant ended in an error (not an OOM)."""
+    broken = []
+    for report in reports:
+        if report["status"] != "exit 0":
+            broken.append((report["case"], report["status"]))
+        for result in (report.get("summary") or {}).get("results", []):
+            if result["status"].startswith("error"):
+                broken.append((report["case"], f"{result['variant']}: {result['status'][:300]}"))
+    return broken
 
 
 def line(report: dict[str, Any]) -> str:

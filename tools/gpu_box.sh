@@ -8,11 +8,16 @@
 #                                       image's torch stays), print the versions, run tools/bench_gpu.py, and leave
 #                                       OUT/bench_gpu.json + OUT/bench-gpu.tgz (every case's summary and log) — few
 #                                       files, as a machine that returns at most 8 wants. OUT defaults to $OUT.
+#   bash tools/gpu_box.sh image-check   here (CI): the image's older transformers and huggingface_hub over this
+#                                       venv, and both GPU harnesses' CPU checks through them — the GPU run is not
+#                                       the first to meet those versions (transformers 5.17 once emptied the bench's
+#                                       assistant masks where 5.24 did not).
 #
 # The wheels are for Python 3.12 on x86-64 Linux (the image's python3); PY_VERSION=3.11 etc. for another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="${WHEELS:-.whl}"
+IMAGE=(transformers==5.17.0 huggingface_hub==1.33.0)  # as the device README lists the image's
 PINS=(trl==1.16.0 datasets==5.2.0 "dill<0.4.2" "multiprocess<0.70.20" bitsandbytes==0.50.2 liger-kernel==0.8.5)
 
 case "${1:-}" in
@@ -48,6 +53,15 @@ EOF
     tar czf "$out/bench-gpu.tgz" -C outputs bench-gpu
     exit "$status"
     ;;
+  image-check)
+    py="${PYTHON:-.venv/bin/python}"
+    deps="$(mktemp -d)"; trap 'rm -rf "$deps"' EXIT
+    "$py" -m pip install --quiet --no-deps --target "$deps" "${IMAGE[@]}"
+    export PYTHONPATH="$deps${PYTHONPATH:+:$PYTHONPATH}" MLFLOW_TRACKING_URI="sqlite:///$deps/mlflow.db"
+    "$py" -c 'import transformers, huggingface_hub as h; print("image stack: transformers", transformers.__version__, "huggingface_hub", h.__version__)'
+    "$py" tools/bench_gpu.py --cpu-check --out "$deps/bench-gpu"
+    "$py" tools/gpu_smoke.py --cpu-check --out "$deps/gpu-smoke"
+    ;;
   *)
-    sed -n 2,12p "$0" >&2; exit 2 ;;
+    sed -n 2,16p "$0" >&2; exit 2 ;;
 esac

@@ -14,12 +14,15 @@ from pipeline.core.resolved import Resolved
 from pipeline.models.loading import load_kwargs
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["system", "user", "assistant"]
+WORDS = ["system", "user", "assistant", "\n"]  # a newline is a token, as in Qwen's BPE: masks map its characters
 
 
 def word_tokenizer(r: Resolved, work: Path) -> Any:
     """A word-level tokenizer over the model's vocabulary (``w<id>``), the family's chat template and special tokens:
-    a row of n random words is n tokens, for any architecture, offline."""
+    a row of n random words is n tokens, for any architecture, offline. Spaces separate words; a newline is a token of
+    its own, so every character of an assistant turn the template marks (``{% generation %}`` spans start and end on
+    one) belongs to a token — transformers 5.17 maps a span's first and last characters to tokens, and a character no
+    token covers left TRL's assistant mask empty."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +32,8 @@ def word_tokenizer(r: Resolved, work: Path) -> Any:
     vocab = {t: i for i, t in enumerate([*SPECIALS, *WORDS, "<unk>"])}
     vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
+                                                 pre_tokenizers.Split("\n", behavior="isolated")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>", chat_template=chat_template(r.model.chat_template))
     fast.add_special_tokens({"additional_special_tokens": SPECIALS})
@@ -58,7 +62,7 @@ def synthetic_rows(r: Resolved, stage: str, n: int, data: Path | None) -> list[d
 
     rows = []
     for length in lengths(r, "sft" if stage == "sft" else "pref", n, data):
-        body = max(2, length - 16)                           # the template's markers and the system prompt
+        body = max(2, length - 27)  # the template: markers, newlines and Qwen2.5's default system prompt (27 tokens)
         user, answer = words(body * 2 // 5), words(body - body * 2 // 5)
         common = {"lang": "en", "source": "bench", "bucket": 0, "n_tokens": length}
         if stage == "sft":
