@@ -249,3 +249,16 @@ def test_a_signal_ignored_at_the_start_stays_ignored_and_the_handlers_come_back(
         assert signal.getsignal(signal.SIGTERM) is term
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.parametrize("given", [None, "0"])
+def test_a_progress_bar_into_a_log_file_redraws_a_few_times_not_ten_a_second(given):
+    """Every entry point's setup_logging, stderr not a terminal: tqdm redraws at most every 30 s (a 1.5 s loop: its
+    first and last frames); a TQDM_MININTERVAL the user set is kept (0: every step)."""
+    probe = ("import time; from pipeline.stage import cli; cli.setup_logging(); from tqdm import tqdm\n"
+             "for _ in tqdm(range(30), desc='demo'): time.sleep(0.05)")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"} | ({"TQDM_MININTERVAL": given} if given else {})
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    frames = [f for f in done.stderr.decode("utf-8").split("\r") if f.startswith("demo")]  # bytes: keep the \r
+    assert done.returncode == 0 and frames[-1].startswith("demo: 100%")
+    assert len(frames) <= 3 if given is None else len(frames) >= 20

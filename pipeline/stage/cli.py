@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -95,8 +96,16 @@ def make_parser(stage: Stage) -> argparse.ArgumentParser:
     return parser
 
 
+PROGRESS_EVERY_S = "30"  # a progress bar's fewest seconds between redraws when stderr is no terminal
+
+
 def setup_logging() -> None:
-    """stdlib logging, configured once; ranks other than 0 only warn."""
+    """stdlib logging, configured once; ranks other than 0 only warn. When stderr is not a terminal (a log file, CI,
+    `nohup`), every tqdm bar — the trainer's, datasets', MLflow's downloads, lm-eval's — redraws at most every
+    ``PROGRESS_EVERY_S`` seconds instead of ten times a second, so a log keeps a few lines per bar (tqdm reads
+    ``TQDM_MININTERVAL`` when it is first imported, after this; a value already set wins)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", PROGRESS_EVERY_S)
     logging.basicConfig(level=logging.INFO if rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
