@@ -101,7 +101,7 @@ def plan(r: Resolved) -> Plan:
        estimate=planner.training(r.hw, r.model, kind="pref", lora_source=LoraConfig(), epochs=t.epochs,
                                  max_steps=t.max_steps, save_total_limit=t.save_total_limit,
                                  data_path=None if cfg.data.run_id or not cfg.data.path else repo_path(cfg.data.path),
-                                 logit_chunk=preference.logit_chunk(cfg.loss)))
+                                 logit_chunk=preference.logit_chunk(cfg.loss), loss=cfg.loss))
 
 
 def _pref_share(r: Resolved) -> str:

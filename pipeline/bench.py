@@ -40,7 +40,7 @@ from pipeline.core.paths import repo_path, shown
 from pipeline.core.resolved import Resolved
 from pipeline.core.strict import parse_overrides
 from pipeline.data.prepared import Pool
-from pipeline.hardware import gpus, planner
+from pipeline.hardware import gpus, measured, planner
 from pipeline.hardware.memory import GiB, Shape, training
 from pipeline.models.loading import LoraConfig, check_device, with_lora
 from pipeline.models.synthetic import random_model, synthetic_rows, word_tokenizer
@@ -66,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-mlflow", action="store_true", help="log the results as a `bench` run")
     parser.add_argument("--log-results", default="", metavar="DIR",
                         help="measure nothing: log every summary.json under DIR (e.g. make bench-gpu's OUT, copied "
-                             "from a GPU machine without MLflow) as `bench` runs")
+                             "from a GPU machine without MLflow) as `bench` runs, and record its CUDA profile "
+                             "results in configs/measured.yaml, which plans then use")
     args = parser.parse_args(argv)
     cli.setup_logging()
     if args.log_results:
         from pipeline.tracking.bench_runs import log_results
 
-        return cli.guarded(lambda: print(log_results(repo_path(args.log_results))))
+        folder = repo_path(args.log_results)
+        return cli.guarded(lambda: print(log_results(folder), record_results(folder), sep="\n"))
     return cli.guarded(lambda: print(table(bench(args))))
 
 
@@ -119,6 +121,15 @@ def measure_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         log_run(summary, out)
     return summary
+
+
+def record_results(folder: Path) -> str:
+    """The profile results under ``folder`` measured on CUDA, into the planner's configs/measured.yaml."""
+    new = measured.record(sorted(folder.rglob("summary.json")))
+    if not new:
+        return f"no speed recorded for the planner: no profile result on a CUDA card at full length under {shown(folder)}"
+    return (f"recorded {len(new)} measured speed(s) in {shown(measured.PATH)} for the planner (commit it): "
+            + ", ".join(f"{m.stage} HW={m.hw} on {m.device}" for m in new))
 
 
 def baseline_of(stage: str, r: Resolved) -> str:

@@ -21,7 +21,7 @@ def _kind(path) -> str:
     rel = path.relative_to(CONFIGS)
     if rel.parts[0] in ("hw", "models"):
         return rel.parts[0]
-    if rel.name in ("hub.yaml", "mirrors.yaml"):
+    if rel.name in ("hub.yaml", "mirrors.yaml", "measured.yaml"):
         return rel.stem
     return "stage"
 
@@ -38,6 +38,10 @@ def test_every_yaml_under_configs_loads_with_its_kind(path):
         assert C.load_model(path.stem).name == path.stem
     elif kind == "hub":
         assert C.load_hub().home
+    elif kind == "measured":  # make bench's speeds the planner prefers (pipeline/hardware/measured.py)
+        from pipeline.hardware.measured import load
+
+        assert isinstance(load(path), list)
     elif kind == "mirrors":  # make mirrors' sources (pipeline/evaluation/mirrors.py)
         from pipeline.evaluation.mirrors import load
 

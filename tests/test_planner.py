@@ -121,3 +121,48 @@ def test_the_gpu_table_finds_cards_by_their_torch_names():
     assert gpus.find("NVIDIA H200").bf16_tflops == 989.0
     assert gpus.find("NVIDIA GeForce RTX 4090").memory_gib == 24
     assert gpus.find("Tesla T4") is None
+
+
+def test_the_time_line_prefers_a_bench_measurement_of_the_same_settings(tmp_path, monkeypatch, capsys):
+    """bench --log-results records the CUDA profile results; a plan with the same settings then times itself with the
+    measured MFU scaled to its card (measured on another card) or the measured tokens/s (on its own card); other
+    settings (QLoRA), CPU results and runs on a pool's lengths are not used."""
+    from pipeline import bench
+    from pipeline.hardware import measured
+    from pipeline.stage.resolve import resolve
+
+    monkeypatch.setattr(measured, "PATH", tmp_path / "measured.yaml")
+    r = resolve("sft", hw="4090")
+    hw, model = r.hw, r.model
+
+    def summary(name: str, device: str, tps: float, mfu: float | None, data: str | None = None,
+                changed: dict | None = None) -> None:
+        result = {"variant": "profile", "stage": "sft", "hw": "4090", "model": model.name, "device": device,
+                  "micro_batch": hw.micro_batch, "max_length": hw.max_length, "date": "2026-12-06", "status": "ok",
+                  "tokens_per_s": tps, "mfu": mfu, "peak_allocated_gib": 20.0, **bench.settings("profile", r)}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"stage": "sft", "hw": "4090", "model": model.name, "mem_cap_gib": 24, "data": data, "results": [
+                {**result, **(changed or {})}, {**result, "variant": "trl-defaults"}]}), encoding="utf-8")
+
+    def time_line() -> str:
+        return dict(planner.training(hw, model, kind="sft", lora=r.cfg.lora, epochs=1, max_steps=None,
+                                     data_path=None, save_total_limit=2).lines)["time"]
+
+    assert "estimate: the H200 anchors' MFU" in time_line()
+    summary("h200", "NVIDIA H200", 20_000.0, 0.30)
+    summary("cpu", "cpu", 10.0, None)
+    summary("qlora", "NVIDIA H200", 9_000.0, 0.2, changed={"qlora": True})
+    summary("pool", "NVIDIA H200", 30_000.0, 0.4, data="outputs/data/smoke")
+    assert bench.main(["--log-results", str(tmp_path)]) == 0  # logs 4 bench runs (the test's store), records 2
+    assert "recorded 2 measured speed(s)" in capsys.readouterr().out
+    assert [(m.device, m.qlora) for m in measured.load()] == [("NVIDIA H200", False), ("NVIDIA H200", True)]
+    scaled = 0.30 * 165e12 / QWEN7B.flops_per_token(hw.max_length)
+    assert f"at ~{scaled:,.0f} tok/s (estimate: this profile's 30.0% MFU, make bench on NVIDIA H200, 2026-12-06" \
+           in time_line()
+    summary("4090", "NVIDIA GeForce RTX 4090", 3_100.0, 0.28)
+    bench.record_results(tmp_path / "4090")
+    assert "at ~3,100 tok/s (measured: make bench on NVIDIA GeForce RTX 4090, 2026-12-06)" in time_line()
+    other = load_profile("4090", [("micro_batch", 1)])  # another micro-batch: no measurement of it
+    assert "anchors" in dict(planner.training(other, model, kind="sft", lora=r.cfg.lora, epochs=1, max_steps=None,
+                                               data_path=None, save_total_limit=2).lines)["time"]

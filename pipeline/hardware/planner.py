@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.profiles import HardwareProfile, ModelDef
+from pipeline.hardware import measured
 from pipeline.hardware import memory as M
 from pipeline.hardware.memory import RESERVE_FACTOR, RESERVE_GIB, GiB, Memory, Shape, Step
 
@@ -152,8 +153,8 @@ def pool_tokens(data_path: Path | None, kind: str) -> int | None:
 
 def training(hw: HardwareProfile, model: ModelDef, *, kind: str, lora: Any = None, lora_source: Any = None,
              epochs: float, max_steps: int | None, data_path: Path | None, save_total_limit: int,
-             logit_chunk: int = 0) -> Estimate:
-    """sft (``kind="sft"``) or align (``kind="pref"``): memory, time and disk."""
+             logit_chunk: int = 0, loss: str | None = None) -> Estimate:
+    """sft (``kind="sft"``) or align (``kind="pref"``, its ``loss``): memory, time and disk."""
     s = shape(model)
     pair = kind == "pref"
     step = step_of(hw, s, sequences=2 if pair else 1, lora=lora or lora_source, logit_chunk=logit_chunk)
@@ -168,7 +169,7 @@ def training(hw: HardwareProfile, model: ModelDef, *, kind: str, lora: Any = Non
         mem_text += (f"; {setting} also fits with {TUNING_MARGIN:.0%} to spare ({k} of {s.layers} layers recompute, "
                      f"~{faster - 1:.0%} faster)")
     est = Estimate([("memory", mem_text)], fits, mem.peak)
-    est.lines.append(("time", _time_line(est, hw, model, step, kind, epochs, max_steps, data_path)))
+    est.lines.append(("time", _time_line(est, hw, model, step, kind, epochs, max_steps, data_path, loss)))
     lora_bytes = s.lora_params(step.lora_r, list(step.lora_targets)) * 4
     checkpoints = save_total_limit * lora_bytes * 3          # adapter + AdamW's two moments
     base = s.params * 2
@@ -180,7 +181,7 @@ def training(hw: HardwareProfile, model: ModelDef, *, kind: str, lora: Any = Non
 
 
 def _time_line(est: Estimate, hw: HardwareProfile, model: ModelDef, step: Step, kind: str, epochs: float,
-               max_steps: int | None, data_path: Path | None) -> str:
+               max_steps: int | None, data_path: Path | None, loss: str | None) -> str:
     pool = pool_tokens(data_path, kind)
     per_row = 2 if kind == "pref" else 1   # a pair trains on chosen and rejected
     if max_steps:
@@ -190,12 +191,28 @@ def _time_line(est: Estimate, hw: HardwareProfile, model: ModelDef, step: Step, 
     else:
         tokens, source = ASSUMED_TOKENS * epochs, (f"no pool yet: assuming {ASSUMED_TOKENS / 1e6:.0f} M × {epochs:g} "
                                                    f"epoch(s); make prepare gives the real count")
-    tps = tokens_per_second(hw, model, step, preference=kind == "pref")
+    tps, how = _speed(hw, model, step, kind if kind == "sft" else loss)
     if tps is None:
         return f"{tokens / 1e6:.2f} M tokens ({source}); speed not estimated for {hw.name} (no peak TFLOP/s)"
     est.seconds = tokens / tps
-    return (f"{_hours(est.seconds)} for {tokens / 1e6:.1f} M tokens ({source}) at ~{tps:,.0f} tok/s (estimate: the "
-            f"H200 anchors' MFU scaled to {hw.peak_tflops:g} TFLOP/s)")
+    return f"{_hours(est.seconds)} for {tokens / 1e6:.1f} M tokens ({source}) at ~{tps:,.0f} tok/s ({how})"
+
+
+def _speed(hw: HardwareProfile, model: ModelDef, step: Step, stage: str | None) -> tuple[float | None, str]:
+    """Tokens/s and where it comes from: a ``make bench`` measurement of these settings on the profile's card; else
+    one on another card, its MFU scaled to this card's peak; else the H200 anchors' MFU scaled the same way."""
+    s = shape(model)
+    found = measured.find(stage, hw, model.name, step.checkpointed(s.layers)) if stage else None
+    if found and found.same_card(hw.description):
+        return found.tokens_per_s, f"measured: {measured.describe(found)}"
+    if not hw.peak_tflops:
+        return None, ""
+    if found and found.mfu:
+        tps = found.mfu * hw.peak_tflops * 1e12 / s.flops_per_token(step.seq_len)
+        return tps, (f"estimate: this profile's {found.mfu:.1%} MFU, {measured.describe(found)}, scaled to "
+                     f"{hw.peak_tflops:g} TFLOP/s")
+    tps = tokens_per_second(hw, model, step, preference=step.sequences == 2)
+    return tps, f"estimate: the H200 anchors' MFU scaled to {hw.peak_tflops:g} TFLOP/s"
 
 
 def evaluation(hw: HardwareProfile, model: ModelDef, tasks: list[str], *, limit: int | None,

@@ -1,0 +1,112 @@
+"""Speeds ``make bench`` measured, which the planner prefers to its scaled estimate: ``configs/measured.yaml``.
+
+``python -m pipeline.bench --log-results DIR`` records there the ``profile`` variant of every ``summary.json`` under
+DIR that ran on a CUDA card (commit the file: every user's plan then uses it). An entry matches a plan when the stage,
+model and the settings that set the speed (precision, QLoRA, Liger, micro-batch, length, recomputed layers) are the
+same. Measured on the profile's own card, its tokens/s is the plan's; measured on another card (a 4090 profile under a
+24 GiB cap on an H200), its MFU is scaled to the profile's peak TFLOP/s — still an estimate, but of this profile's own
+kernels rather than the anchors'.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core.paths import CONFIGS
+from pipeline.core.profiles import load_model
+from pipeline.hardware import gpus
+
+PATH = CONFIGS / "measured.yaml"
+HEADER = ("# Written by `python -m pipeline.bench --log-results DIR` (the profile variant of each bench run on a CUDA\n"
+          "# card); read by the planner (pipeline/hardware/measured.py). Commit it: plans then use measured speeds.\n")
+
+
+@dataclass(frozen=True)
+class Measured:
+    stage: str                      # sft | dpo | orpo
+    hw: str
+    model: str
+    device: str                     # as torch names it: NVIDIA H200
+    precision: str
+    qlora: bool
+    liger: bool
+    micro_batch: int
+    max_length: int
+    checkpoint_layers: int          # decoder layers that recomputed (0: no checkpointing)
+    tokens_per_s: float
+    mfu: float | None
+    peak_allocated_gib: float | None
+    peak_reserved_gib: float | None
+    mem_cap_gib: float | None
+    date: str
+
+    def key(self) -> tuple:
+        return (self.stage, self.hw, self.model, self.device, self.precision, self.qlora, self.liger,
+                self.micro_batch, self.max_length, self.checkpoint_layers)
+
+    def same_card(self, description: str) -> bool:
+        """Whether it ran on the card a profile is for (its ``description``, e.g. NVIDIA RTX 4090)."""
+        mine = gpus.find(description)
+        return mine is not None and gpus.find(self.device) == mine
+
+
+def load(path: Path | None = None) -> list[Measured]:
+    path = path or PATH
+    if not path.is_file():
+        return []
+    rows = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("measurements") or []
+    names = {f.name for f in fields(Measured)}
+    return [Measured(**{k: v for k, v in row.items() if k in names}) for row in rows]
+
+
+def find(stage: str, hw: Any, model: str, checkpoint_layers: int, path: Path | None = None) -> Measured | None:
+    """The newest matching measurement, one on the profile's own card first."""
+    wanted = (stage, model, hw.precision, hw.qlora, hw.liger, hw.micro_batch, hw.max_length, checkpoint_layers)
+    found = [m for m in load(path) if (m.stage, m.model, m.precision, m.qlora, m.liger, m.micro_batch, m.max_length,
+                                       m.checkpoint_layers) == wanted]
+    return max(found, key=lambda m: (m.same_card(hw.description), m.date), default=None)
+
+
+def record(summaries: list[Path], path: Path | None = None) -> list[Measured]:
+    """The ``profile`` results of these ``summary.json`` files that ran on CUDA on full-length rows (no ``--data``),
+    merged into ``path`` (a new result replaces the one with the same key); returns those recorded."""
+    new = []
+    for file in summaries:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+        if summary.get("data"):  # rows of a pool's lengths: not the full-length step the planner times
+            continue
+        for r in summary["results"]:
+            if r["variant"] != "profile" or r["status"] != "ok" or r["device"] == "cpu":
+                continue
+            new.append(Measured(stage=r["stage"], hw=r["hw"], model=r["model"], device=r["device"],
+                                precision=r["precision"], qlora=r["qlora"], liger=r["liger"],
+                                micro_batch=r["micro_batch"], max_length=r["max_length"],
+                                checkpoint_layers=_recomputed(r), tokens_per_s=r["tokens_per_s"],
+                                mfu=r.get("mfu"), peak_allocated_gib=r.get("peak_allocated_gib"),
+                                peak_reserved_gib=r.get("peak_reserved_gib"), mem_cap_gib=summary.get("mem_cap_gib"),
+                                date=r["date"]))
+    if new:
+        path = path or PATH
+        kept = {m.key(): m for m in load(path)} | {m.key(): m for m in new}
+        rows = [asdict(m) for m in sorted(kept.values(), key=lambda m: m.key())]
+        path.write_text(HEADER + yaml.safe_dump({"measurements": rows}, sort_keys=False, allow_unicode=True),
+                        encoding="utf-8")
+    return new
+
+
+def _recomputed(result: dict[str, Any]) -> int:
+    """The decoder layers a bench result recomputed (its ``checkpoint_layers`` None with checkpointing on: all)."""
+    if not result["checkpointing"]:
+        return 0
+    if result["checkpoint_layers"] is not None:
+        return result["checkpoint_layers"]
+    return load_model(result["model"]).architecture_config()["num_hidden_layers"]
+
+
+def describe(m: Measured) -> str:
+    return f"make bench on {m.device}, {m.date}"
