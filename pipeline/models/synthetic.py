@@ -77,6 +77,8 @@ def synthetic_rows(r: Resolved, stage: str, n: int, data: Path | None) -> list[d
 
 def random_model(r: Resolved, work: Path, cuda: bool) -> Any:
     """The architecture with seeded random weights, on the device; a QLoRA profile loads them 4-bit the stage's way."""
+    import gc
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,7 +88,12 @@ def random_model(r: Resolved, work: Path, cuda: bool) -> Any:
     if r.hw.qlora:
         folder = work / "random-base"
         if not folder.is_dir():
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+            with torch.device("cuda"):  # seeded random init on the GPU: seconds, where 7 B on the CPU take a minute
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model.save_pretrained(folder)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()  # nothing of the bf16 copy stays reserved beside the 4-bit one
         return AutoModelForCausalLM.from_pretrained(folder, device_map="cuda", use_safetensors=True,
                                                     **load_kwargs(r.hw, r.cfg.qlora))
     kwargs = load_kwargs(r.hw, r.cfg.qlora)
