@@ -111,6 +111,14 @@ def test_bench_gpu_runs_its_cases_and_judges_the_targets(tmp_path, monkeypatch):
     assert [t["result"] for t in bg.judge(sft, report(9000, 24.5, 20.0, ratio=1.1), {})] == ["missed", "missed"]
     dpo = report(5000, 20, 19)
     assert bg.judge(orpo, report(4000, 22, 21), {"dpo-4090": dpo})[1]["result"] == "missed"
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    done = {"variant": "profile", "status": "ok", "tokens_per_s": 9.0, "hw": "4090", "model": "qwen2.5-7b-instruct"}
+    (cut / "bench.jsonl").write_text(json.dumps(done) + "\n", encoding="utf-8")
+    made = bg.finished(cut, sft)  # a timed-out case keeps what it measured, as a summary --log-results reads
+    assert made["results"] == [done] and made["partial"] and made["stage"] == "sft" and made["mem_cap_gib"] == 24
+    assert json.loads((cut / "summary.json").read_text(encoding="utf-8")) == made
+    assert bg.finished(tmp_path / "none", sft) is None
     errored = {"case": "x", "status": "exit 0", "summary": {"results": [
         {"variant": "profile", "status": "oom"}, {"variant": "trl-defaults", "status": "error: RuntimeError: boom"}]}}
     assert bg.broken_cases([errored, {"case": "y", "status": "timeout"}]) == [

@@ -70,10 +70,25 @@ def run_case(case: Case, out: Path, args: argparse.Namespace) -> dict[str, Any]:
         status, tail = f"exit {proc.returncode}", (proc.stdout + proc.stderr)[-2000:]
     except subprocess.TimeoutExpired as err:
         status, tail = f"timed out after {args.case_timeout_s} s", str(err.stdout or "")[-2000:]
-    summary_file = folder / "summary.json"
-    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else None
+    summary = finished(folder, case)
     return {"case": case.name, "command": " ".join(cmd[1:]), "status": status, "wall_s": round(time.perf_counter() -
             start, 1), "summary": summary, "tail": tail if status != "exit 0" else ""}
+
+
+def finished(folder: Path, case: Case) -> dict[str, Any] | None:
+    """A case's summary.json; for a case cut short (timed out, crashed), one made of the variants it finished — the
+    lines bench.jsonl gets as each ends — and written beside them, so `--log-results` takes it too (no ratio: the
+    baseline may be missing)."""
+    summary, lines = folder / "summary.json", folder / "bench.jsonl"
+    if summary.is_file():
+        return json.loads(summary.read_text(encoding="utf-8"))
+    results = [json.loads(x) for x in lines.read_text(encoding="utf-8").splitlines() if x] if lines.is_file() else []
+    if not results:
+        return None
+    made = {"stage": case.stage, "hw": results[0]["hw"], "model": results[0]["model"], "mem_cap_gib": case.cap,
+            "data": None, "ratio_to_baseline": None, "partial": True, "results": results}
+    summary.write_text(json.dumps(made, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return made
 
 
 def profile_result(report: dict[str, Any]) -> dict[str, Any]:
