@@ -122,6 +122,8 @@ def measure_all(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             lines.flush()
     summary = summarise(results, r, args, cuda)
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if cuda and not args.data:  # the card's own speed: `make plan` times this profile with it from now on
+        print(record_results(out), file=sys.stderr)
     if args.log_mlflow:
         from pipeline.tracking.bench_runs import log_run  # MLflow only here: a GPU machine may not have it
 
