@@ -6,8 +6,9 @@
 #                                       by git; carry it: the device tool's `carry: [".whl"]`)
 #   bash tools/gpu_box.sh bench [OUT]   there: install .whl/ into a private folder (--no-deps, --no-index: the
 #                                       image's torch stays), print the versions, run tools/bench_gpu.py, and leave
-#                                       OUT/bench_gpu.json + OUT/bench-gpu.tgz (every case's summary and log) — few
-#                                       files, as a machine that returns at most 8 wants. OUT defaults to $OUT.
+#                                       OUT/bench_gpu.json, OUT/measured.yaml (the speeds each case recorded for the
+#                                       planner) and OUT/bench-gpu.tgz (every case's summary) — few files, as a
+#                                       machine that returns at most 8 wants. OUT defaults to $OUT.
 #   bash tools/gpu_box.sh image-check   here (CI): the image's older transformers and huggingface_hub over this
 #                                       venv, and both GPU harnesses' CPU checks through them — the GPU run is not
 #                                       the first to meet those versions (transformers 5.17 once emptied the bench's
@@ -49,7 +50,7 @@ EOF
     mkdir -p "$out"
     status=0
     python3 tools/bench_gpu.py --out outputs/bench-gpu "${@:3}" 2>&1 | tee "$out/bench_gpu.log" || status=$?
-    cp outputs/bench-gpu/bench_gpu.json "$out/" 2>/dev/null || true
+    cp outputs/bench-gpu/bench_gpu.json configs/measured.yaml "$out/" 2>/dev/null || true  # the planner's speeds too
     tar czf "$out/bench-gpu.tgz" -C outputs bench-gpu
     exit "$status"
     ;;
