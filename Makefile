@@ -38,7 +38,7 @@ RUNS ?=
 
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
-.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-data gpu-smoke sft align orpo dpo mirrors evaluate eval export promote pull chat serve compare rerun ui server screenshots test lint clean
+.PHONY: help demo setup plan pipeline prepare data bench bench-gpu bench-log bench-data gpu-smoke sft align orpo dpo mirrors evaluate eval export promote pull chat serve compare rerun ui server screenshots test lint clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -118,6 +118,9 @@ bench: $(STAMP) ## tokens/s, MFU and peak memory of STAGE=sft|dpo|orpo on HW's p
 
 bench-gpu: $(STAMP) ## on an H100/H200 (≤ 8 min): every profile under its card's cap vs its baseline and the planner; JSON in OUT
 	$(PY) tools/bench_gpu.py --out '$(OUT)'
+
+bench-log: $(STAMP) ## OUT's bench results (e.g. bench-gpu's, brought back from a GPU box) as MLflow runs; their speeds to the planner
+	$(PY) -m pipeline.bench --log-results '$(OUT)'
 
 bench-data: $(STAMP) ## prepare's data path on ROWS synthetic zh/en rows: cleaning vs a naive loop, token pass vs encode_batch, end to end (time, peak memory)
 	$(PY) tools/bench_data.py --rows $(ROWS)

@@ -596,9 +596,11 @@ def _map_output(tmp_path, bars_off: bool) -> str:
                  "types={'y': pa.int64()}, fn_kwargs={})\n" if bars_off else
                  "ds.map(slow, batched=True, batch_size=100, desc='demo step')\n"))
     log = tmp_path / f"log-{bars_off}.txt"
+    # tqdm at its own pace: an earlier test's setup_logging may have set TQDM_MININTERVAL in this process
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     with open(log, "w", encoding="utf-8") as f:
-        subprocess.run([sys.executable, "-c", script], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, check=True,
-                       timeout=120)
+        subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                       check=True, timeout=120)
     return log.read_text(encoding="utf-8")
 
 

@@ -1,11 +1,12 @@
 """Speeds ``make bench`` measured, which the planner prefers to its scaled estimate: ``configs/measured.yaml``.
 
-``python -m pipeline.bench --log-results DIR`` records there the ``profile`` variant of every ``summary.json`` under
-DIR that ran on a CUDA card (commit the file: every user's plan then uses it). An entry matches a plan when the stage,
-model and the settings that set the speed (precision, QLoRA, Liger, micro-batch, length, recomputed layers) are the
-same. Measured on the profile's own card, its tokens/s is the plan's; measured on another card (a 4090 profile under a
-24 GiB cap on an H200), its MFU is scaled to the profile's peak TFLOP/s — still an estimate, but of this profile's own
-kernels rather than the anchors'.
+``make bench`` on a CUDA card records its ``profile`` result there, and ``make bench-log OUT=DIR`` (``python -m
+pipeline.bench --log-results DIR``) those of every ``summary.json`` under DIR, e.g. bench-gpu's brought back from a GPU
+box (commit the file: every user's plan then uses it). Full-length runs only (no ``--data``). An entry matches a plan
+when the stage, model and the settings that set the speed (precision, QLoRA, Liger, micro-batch, length, recomputed
+layers) are the same. Measured on the profile's own card, its tokens/s is the plan's; measured on another card (a 4090
+profile under a 24 GiB cap on an H200), its MFU is scaled to the profile's peak TFLOP/s — still an estimate, but of
+this profile's own kernels rather than the anchors'.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pipeline.core.profiles import load_model
 from pipeline.hardware import gpus
 
 PATH = CONFIGS / "measured.yaml"
-HEADER = ("# Written by `python -m pipeline.bench --log-results DIR` (the profile variant of each bench run on a CUDA\n"
-          "# card); read by the planner (pipeline/hardware/measured.py). Commit it: plans then use measured speeds.\n")
+HEADER = ("# Written by `make bench` on a CUDA card and `make bench-log OUT=DIR` (each run's profile variant); read by\n"
+          "# the planner (pipeline/hardware/measured.py). Commit it: plans then use measured speeds.\n")
 
 
 @dataclass(frozen=True)
