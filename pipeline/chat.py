@@ -25,7 +25,7 @@ from pipeline.core.strict import parse_overrides
 from pipeline.models.loading import base_of, load_for_generation
 from pipeline.stage.cli import add_common, guarded, setup_logging
 from pipeline.stage.resolve import resolve
-from pipeline.tracking import model_registry
+from pipeline.tracking import lineage, model_registry
 
 log = logging.getLogger("pipeline.chat")
 HELP = "commands: /reset (forget the conversation) · /system TEXT (new system prompt) · /exit"
@@ -76,7 +76,7 @@ def find_model(ref: str, hw: str, overrides: list) -> dict[str, Any]:
         found = model_registry.download(ref)
     model = r.model
     if found["adapter"]:
-        recorded = found["base_model"] or _recorded_base(found["folder"])
+        recorded = found["base_model"] or lineage.config_base(found["folder"])
         model = base_of(recorded, r.model, overrides)
         if model is None:
             raise StageError(f"{ref} is an adapter of base {recorded!r}, but the configured base is "
@@ -86,12 +86,6 @@ def find_model(ref: str, hw: str, overrides: list) -> dict[str, Any]:
             log.info("%s is an adapter of %s: loaded on that model definition (SET=\"model=…\" names another)",
                      ref, model.name)
     return {**found, "system_prompt": found["system_prompt"] or model.system_prompt, "model": model}
-
-
-def _recorded_base(folder: Path) -> str:
-    import json
-
-    return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path", "")
 
 
 class Chat:

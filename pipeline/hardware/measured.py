@@ -46,9 +46,14 @@ class Measured:
     mem_cap_gib: float | None
     date: str
 
+    def settings(self) -> tuple:
+        """What sets the speed: a plan with these takes this measurement."""
+        return (self.stage, self.model, self.precision, self.qlora, self.liger, self.micro_batch, self.max_length,
+                self.checkpoint_layers)
+
     def key(self) -> tuple:
-        return (self.stage, self.hw, self.model, self.device, self.precision, self.qlora, self.liger,
-                self.micro_batch, self.max_length, self.checkpoint_layers)
+        """One entry per profile, card and settings: a newer result replaces it."""
+        return (self.hw, self.device, *self.settings())
 
     def same_card(self, description: str) -> bool:
         """Whether it ran on the card a profile is for (its ``description``, e.g. NVIDIA RTX 4090)."""
@@ -61,21 +66,23 @@ def load(path: Path | None = None) -> list[Measured]:
     if not path.is_file():
         return []
     rows = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("measurements") or []
-    names = {f.name for f in fields(Measured)}
-    return [Measured(**{k: v for k, v in row.items() if k in names}) for row in rows]
+    return [Measured(**{k: v for k, v in row.items() if k in _names()}) for row in rows]
 
 
-def find(stage: str, hw: Any, model: str, checkpoint_layers: int, path: Path | None = None) -> Measured | None:
-    """The newest matching measurement, one on the profile's own card first."""
+def _names() -> set[str]:
+    return {f.name for f in fields(Measured)}
+
+
+def find(stage: str, hw: Any, model: str, checkpoint_layers: int) -> Measured | None:
+    """The newest measurement of these settings, one on the profile's own card first."""
     wanted = (stage, model, hw.precision, hw.qlora, hw.liger, hw.micro_batch, hw.max_length, checkpoint_layers)
-    found = [m for m in load(path) if (m.stage, m.model, m.precision, m.qlora, m.liger, m.micro_batch, m.max_length,
-                                       m.checkpoint_layers) == wanted]
+    found = [m for m in load() if m.settings() == wanted]
     return max(found, key=lambda m: (m.same_card(hw.description), m.date), default=None)
 
 
-def record(summaries: list[Path], path: Path | None = None) -> list[Measured]:
+def record(summaries: list[Path]) -> list[Measured]:
     """The ``profile`` results of these ``summary.json`` files that ran on CUDA on full-length rows (no ``--data``),
-    merged into ``path`` (a new result replaces the one with the same key); returns those recorded."""
+    merged into configs/measured.yaml (a new result replaces the one with the same key); returns those recorded."""
     new = []
     for file in summaries:
         summary = json.loads(file.read_text(encoding="utf-8"))
@@ -84,18 +91,12 @@ def record(summaries: list[Path], path: Path | None = None) -> list[Measured]:
         for r in summary["results"]:
             if r["variant"] != "profile" or r["status"] != "ok" or r["device"] == "cpu":
                 continue
-            new.append(Measured(stage=r["stage"], hw=r["hw"], model=r["model"], device=r["device"],
-                                precision=r["precision"], qlora=r["qlora"], liger=r["liger"],
-                                micro_batch=r["micro_batch"], max_length=r["max_length"],
-                                checkpoint_layers=_recomputed(r), tokens_per_s=r["tokens_per_s"],
-                                mfu=r.get("mfu"), peak_allocated_gib=r.get("peak_allocated_gib"),
-                                peak_reserved_gib=r.get("peak_reserved_gib"), mem_cap_gib=summary.get("mem_cap_gib"),
-                                date=r["date"]))
+            copied = {k: r.get(k) for k in _names() - {"checkpoint_layers", "mem_cap_gib"}}
+            new.append(Measured(**copied, checkpoint_layers=_recomputed(r), mem_cap_gib=summary.get("mem_cap_gib")))
     if new:
-        path = path or PATH
-        kept = {m.key(): m for m in load(path)} | {m.key(): m for m in new}
+        kept = {m.key(): m for m in load()} | {m.key(): m for m in new}
         rows = [asdict(m) for m in sorted(kept.values(), key=lambda m: m.key())]
-        path.write_text(HEADER + yaml.safe_dump({"measurements": rows}, sort_keys=False, allow_unicode=True),
+        PATH.write_text(HEADER + yaml.safe_dump({"measurements": rows}, sort_keys=False, allow_unicode=True),
                         encoding="utf-8")
     return new
 

@@ -65,25 +65,24 @@ def recorded_base(ref: str | None, registry: bool = True) -> str:
         return ""
     folder = repo_path(ref)
     if folder.is_dir():
-        config = folder / "adapter_config.json"
-        return (json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-                if config.is_file() else "")
+        return config_base(folder)
     if not registry:
         return ""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri())
     try:
-        if "@" in ref:
-            version = client.get_model_version_by_alias(*ref.split("@", 1))
-        elif "/" in ref:
-            version = client.get_model_version(*ref.split("/", 1))
-        else:
-            version = max(client.search_model_versions(f"run_id = '{ref}'"), key=lambda v: int(v.version), default=None)
+        version = _registered(mlflow.MlflowClient(tracking_uri()), ref)
     except MlflowException:
         return ""
     return version.tags.get("base_model", "") if version else ""
+
+
+def config_base(folder: Path) -> str:
+    """``base_model_name_or_path`` of an adapter folder's adapter_config.json ("" without one)."""
+    config = folder / "adapter_config.json"
+    return (json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+            if config.is_file() else "")
 
 
 def ref_problem(ref: str, key: str) -> str | None:
@@ -107,16 +106,21 @@ def ref_problem(ref: str, key: str) -> str | None:
 
 
 def _version(client: Any, ref: str | None, *, stage: str, model: str, hw: str, key: str) -> Any:
-    if ref and "@" in ref:
+    ref = ref or _latest_run(client, stage=stage, model=model, hw=hw, key=key)
+    version = _registered(client, ref)
+    if version is None:
+        client.get_run(ref)  # an unknown id raises here, with MLflow's own message
+        raise StageError(f"run {ref} registered no adapter; give a registered `name@alias` or a folder")
+    return version
+
+
+def _registered(client: Any, ref: str) -> Any:
+    """The model version ``ref`` names: ``name@alias``, ``name/version``, or a run id's newest (None: it has none)."""
+    if "@" in ref:
         return client.get_model_version_by_alias(*ref.split("@", 1))
-    if ref and "/" in ref:
+    if "/" in ref:
         return client.get_model_version(*ref.split("/", 1))
-    run_id = ref or _latest_run(client, stage=stage, model=model, hw=hw, key=key)
-    versions = client.search_model_versions(f"run_id = '{run_id}'")
-    if not versions:
-        client.get_run(run_id)  # an unknown id raises here, with MLflow's own message
-        raise StageError(f"run {run_id} registered no adapter; give a registered `name@alias` or a folder")
-    return max(versions, key=lambda v: int(v.version))
+    return max(client.search_model_versions(f"run_id = '{ref}'"), key=lambda v: int(v.version), default=None)
 
 
 def _latest_run(client: Any, *, stage: str, model: str, hw: str, key: str) -> str:
@@ -141,8 +145,8 @@ def _local_adapter(folder: Path) -> dict[str, Any]:
     config = folder / "adapter_config.json"
     if not config.exists():
         raise StageError(f"start point {folder} holds no adapter_config.json; give an adapter folder")
-    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-    return {"folder": folder, "source": str(folder), "run_id": None, "version": None, "tags": {"base_model": base}}
+    return {"folder": folder, "source": str(folder), "run_id": None, "version": None,
+            "tags": {"base_model": config_base(folder)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
