@@ -166,3 +166,14 @@ def test_the_time_line_prefers_a_bench_measurement_of_the_same_settings(tmp_path
     other = load_profile("4090", [("micro_batch", 1)])  # another micro-batch: no measurement of it
     assert "anchors" in dict(planner.training(other, model, kind="sft", lora=r.cfg.lora, epochs=1, max_steps=None,
                                                data_path=None, save_total_limit=2).lines)["time"]
+
+
+def test_a_broken_measured_file_is_named_with_its_fix(tmp_path, monkeypatch):
+    from pipeline.core.errors import ConfigError
+    from pipeline.hardware import measured
+
+    monkeypatch.setattr(measured, "PATH", tmp_path / "measured.yaml")
+    for text in ("measurements: [{stage: sft}]\n", "measurements: [oops\n", "- a list\n"):
+        measured.PATH.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"measured.yaml is not a list of `measurements` as make bench writes"):
+            measured.load()

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.paths import CONFIGS
+from pipeline.core.errors import ConfigError
+from pipeline.core.paths import CONFIGS, shown
 from pipeline.core.profiles import load_model
 from pipeline.hardware import gpus
 
@@ -65,8 +66,12 @@ def load(path: Path | None = None) -> list[Measured]:
     path = path or PATH
     if not path.is_file():
         return []
-    rows = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("measurements") or []
-    return [Measured(**{k: v for k, v in row.items() if k in _names()}) for row in rows]
+    try:
+        rows = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("measurements") or []
+        return [Measured(**{k: v for k, v in row.items() if k in _names()}) for row in rows]
+    except (yaml.YAMLError, AttributeError, TypeError) as err:
+        raise ConfigError([f"{shown(path)} is not a list of `measurements` as make bench writes them ({err}); "
+                           f"restore it with `git checkout {shown(path)}`, or delete it to plan with estimates"]) from err
 
 
 def _names() -> set[str]:
